@@ -1,0 +1,33 @@
+"""gnsurgeon: BatchNorm -> GroupNorm (or frozen BN*) surgery on timm/torchvision models, verified."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import load, read_checkpoint, save  # noqa: E402
+from .conversion import ConvertOptions, ConvertReport, convert_source, inspect_source  # noqa: E402
+from .errors import GNSurgeonError, VerificationError  # noqa: E402
+from .plan import GroupPolicy, LayerPlan, Plan, Selection  # noqa: E402
+from .sources import DataConfig, SourceSpec, build_model  # noqa: E402
+from .surgery import apply_plan, convert, make_plan  # noqa: E402
+
+__all__ = [
+    "ConvertOptions",
+    "ConvertReport",
+    "DataConfig",
+    "GNSurgeonError",
+    "GroupPolicy",
+    "LayerPlan",
+    "Plan",
+    "Selection",
+    "SourceSpec",
+    "VerificationError",
+    "__version__",
+    "apply_plan",
+    "build_model",
+    "convert",
+    "convert_source",
+    "inspect_source",
+    "load",
+    "make_plan",
+    "read_checkpoint",
+    "save",
+]

@@ -1,0 +1,204 @@
+"""One ``.safetensors`` file per model: every tensor, plus metadata to rebuild it offline.
+
+Metadata keys (all strings, JSON where structured):
+
+``gnsurgeon.format``       checkpoint format version (this module's :data:`FORMAT_VERSION`)
+``gnsurgeon.version``      the gnsurgeon that wrote it
+``gnsurgeon.source``       :class:`~gnsurgeon.sources.SourceSpec` (library, name, kwargs)
+``gnsurgeon.plan``         :class:`~gnsurgeon.plan.Plan` (one entry per normalization layer)
+``gnsurgeon.data_config``  :class:`~gnsurgeon.sources.DataConfig` (input size, mean, std, task)
+``gnsurgeon.history``      list of stages applied to the weights (convert, calibrate, finetune, ...)
+
+Anyone can open the file with ``safetensors`` alone; :func:`load` rebuilds the architecture from the
+source spec, replays the plan and loads the tensors, with no network access.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import GNSurgeonError
+from .layers import norm_kind
+from .plan import Plan
+from .sources import DataConfig, SourceSpec, build_model, load_state_dict_strict
+
+FORMAT_VERSION = "1"
+_PREFIX = "gnsurgeon."
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything in a checkpoint except the tensors."""
+
+    path: Path
+    source: SourceSpec | None
+    plan: Plan
+    data_config: DataConfig
+    history: list = field(default_factory=list)
+    format: str = FORMAT_VERSION
+    written_by: str = ""
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise GNSurgeonError(f"output directory {directory} does not exist")
+    try:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise GNSurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_atomically(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
+
+    A crash or error leaves whatever was at ``path`` before untouched.
+    """
+    path = Path(path)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise GNSurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save(
+    path: str | Path,
+    model: nn.Module,
+    plan: Plan,
+    *,
+    source: SourceSpec | None,
+    data_config: DataConfig | None = None,
+    history: list | None = None,
+) -> Path:
+    """Write ``model``'s tensors and the metadata that rebuilds it into one ``.safetensors`` file.
+
+    ``source=None`` is allowed for models built by hand; :func:`load` then needs the unconverted
+    architecture passed as ``model=``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise GNSurgeonError(f"output {path} must end in .safetensors")
+    # Clone so no two entries share storage (safetensors refuses aliasing, e.g. tied weights).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {
+        _PREFIX + "format": FORMAT_VERSION,
+        _PREFIX + "version": __version__,
+        _PREFIX + "source": json.dumps(source.to_dict() if source else None),
+        _PREFIX + "plan": plan.to_json(),
+        _PREFIX + "data_config": json.dumps((data_config or DataConfig()).to_dict()),
+        _PREFIX + "history": json.dumps(history or []),
+    }
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise GNSurgeonError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:
+        raise GNSurgeonError(f"cannot read checkpoint {path}: not a valid safetensors file ({exc})") from None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a readable ``.safetensors`` file written by gnsurgeon."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return _PREFIX + "format" in _read_metadata(path)
+    except GNSurgeonError:
+        return False
+
+
+def read_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read a checkpoint's metadata (no tensors, no model)."""
+    path = Path(path)
+    meta = _read_metadata(path)
+    if _PREFIX + "format" not in meta:
+        raise GNSurgeonError(f"{path} is a safetensors file but not a gnsurgeon checkpoint (no metadata)")
+    fmt = meta[_PREFIX + "format"]
+    if fmt != FORMAT_VERSION:
+        raise GNSurgeonError(f"checkpoint {path} has format {fmt}; this gnsurgeon reads {FORMAT_VERSION}")
+    try:
+        source = json.loads(meta[_PREFIX + "source"])
+        return CheckpointInfo(
+            path=path,
+            source=SourceSpec.from_dict(source) if source else None,
+            plan=Plan.from_json(meta[_PREFIX + "plan"]),
+            data_config=DataConfig.from_dict(json.loads(meta[_PREFIX + "data_config"])),
+            history=json.loads(meta.get(_PREFIX + "history", "[]")),
+            format=fmt,
+            written_by=meta.get(_PREFIX + "version", ""),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise GNSurgeonError(f"checkpoint {path} has damaged metadata ({exc})") from None
+
+
+def _restore_frozen_kinds(model: nn.Module, plan: Plan) -> nn.Module:
+    """Kept FrozenBatchNorm2d layers come back as BatchNorm2d when torchvision builds without
+    weights; swap them back so the rebuilt model behaves like the one that was saved."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from .surgery import _set_submodule
+
+    for lp in plan:
+        if lp.action != "keep" or lp.kind != "FrozenBatchNorm2d":
+            continue
+        module = model.get_submodule(lp.path)
+        if norm_kind(module).name == "BatchNorm2d":
+            _set_submodule(model, lp.path, FrozenBatchNorm2d(lp.channels, eps=lp.eps))
+    return model
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by gnsurgeon, in eval mode, with no network access.
+
+    ``model`` is the unconverted architecture, needed only for checkpoints saved with
+    ``source=None``; it is not modified.
+    """
+    from safetensors.torch import load_file
+
+    from .surgery import apply_plan
+
+    info = read_checkpoint(path)
+    if model is None:
+        if info.source is None:
+            raise GNSurgeonError(
+                f"checkpoint {path} records no source model; pass the unconverted architecture as model="
+            )
+        base = build_model(info.source, pretrained=False)
+        rebuilt = apply_plan(base, info.plan, inplace=True)
+    else:
+        rebuilt = apply_plan(model, info.plan)
+    rebuilt = _restore_frozen_kinds(rebuilt, info.plan)
+    state = load_file(str(path))
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        rebuilt = rebuilt.to(dtypes.pop())
+    load_state_dict_strict(rebuilt, state, f"checkpoint {path}")
+    return rebuilt.to(device).eval()

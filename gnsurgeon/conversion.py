@@ -1,0 +1,352 @@
+"""The ``convert`` and ``inspect`` commands as library functions.
+
+``convert_source`` runs the whole stage: open the source (build + weights, or a gnsurgeon
+checkpoint), plan, apply, check the result on a probe input, save one checkpoint. The CLI only
+parses options into :class:`ConvertOptions` and renders the returned :class:`ConvertReport`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import is_checkpoint, load, read_checkpoint, save
+from .errors import GNSurgeonError, VerificationError
+from .layers import norm_kind
+from .plan import GroupPolicy, LayerPlan, Plan, Selection
+from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
+from .surgery import apply_plan, make_plan
+
+
+@dataclass
+class ConvertOptions:
+    """Every option of ``gnsurgeon convert``; recipes set the fields listed in :attr:`RECIPE_KEYS`."""
+
+    groups: int | None = None
+    channels_per_group: int | None = None
+    min_group_channels: int = 2
+    strict: bool = False
+    only: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    include_1d: bool = False
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    in_chans: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    probe: bool = True
+    seed: int = 0
+
+    RECIPE_KEYS = ("groups", "channels_per_group", "min_group_channels", "strict", "only", "skip", "include_1d")
+
+    def policy(self) -> GroupPolicy:
+        groups = self.groups
+        if groups is None and self.channels_per_group is None:
+            groups = 32
+        return GroupPolicy(groups, self.channels_per_group, self.min_group_channels, self.strict)
+
+    def selection(self) -> Selection:
+        return Selection(tuple(self.only), tuple(self.skip), self.include_1d)
+
+    def constructor_kwargs(self) -> dict:
+        kwargs = dict(self.model_kwargs)
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        if self.in_chans is not None:
+            kwargs["in_chans"] = self.in_chans
+        return kwargs
+
+    @classmethod
+    def from_mapping(cls, values: dict, origin: str = "options") -> ConvertOptions:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise GNSurgeonError(f"unknown convert option(s) {', '.join(unknown)} in {origin}")
+        return cls(**values)
+
+
+@dataclass
+class OpenedSource:
+    """A model ready for surgery, with what is needed to save it again."""
+
+    model: nn.Module
+    spec: SourceSpec | None
+    data_config: DataConfig
+    plan: Plan | None = None  # the plan already applied (checkpoint sources)
+    history: list = field(default_factory=list)
+    build_seconds: float = 0.0
+
+
+def open_source(source: str, options: ConvertOptions | None = None) -> OpenedSource:
+    """``timm:NAME`` / ``torchvision:NAME`` (+ weights) or a gnsurgeon checkpoint -> model."""
+    options = options or ConvertOptions()
+    start = time.perf_counter()
+    if is_checkpoint(source):
+        if options.constructor_kwargs() or options.weights or options.pretrained:
+            raise GNSurgeonError(
+                f"source {source} is a gnsurgeon checkpoint: constructor options, --weights and "
+                "--pretrained do not apply to it"
+            )
+        info = read_checkpoint(source)
+        model = load(source)
+        opened = OpenedSource(model, info.source, info.data_config, info.plan, list(info.history))
+    else:
+        if Path(source).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(source).exists():
+            if not Path(source).exists():
+                raise GNSurgeonError(f"source file {source} does not exist")
+            raise GNSurgeonError(
+                f"source {source} is not a gnsurgeon checkpoint; name the architecture "
+                "(timm:NAME or torchvision:NAME) and pass the file with --weights"
+            )
+        spec = SourceSpec.parse(source, options.constructor_kwargs(), options.pretrained)
+        torch.manual_seed(options.seed)  # random-init models are reproducible
+        model = build_model(spec)
+        if options.weights:
+            state = read_state_dict(options.weights)
+            load_state_dict_strict(model, state, f"weights file {options.weights}")
+        opened = OpenedSource(model, spec, data_config_for(spec, model))
+    if options.input_size is not None:
+        opened.data_config.input_size = tuple(options.input_size)
+    if options.mean is not None:
+        opened.data_config.mean = tuple(options.mean)
+    if options.std is not None:
+        opened.data_config.std = tuple(options.std)
+    opened.build_seconds = time.perf_counter() - start
+    return opened
+
+
+def merge_plans(previous: Plan | None, new: Plan) -> Plan:
+    """Entries of ``new`` replace ``previous`` entries that were still ``keep``; the rest stay."""
+    if previous is None:
+        return new
+    fresh = new.by_path()
+    layers = [fresh.get(lp.path, lp) if lp.action == "keep" else lp for lp in previous]
+    return Plan(layers=layers, options=new.options)
+
+
+# --------------------------------------------------------------------------------------- probing
+def make_probe_input(config: DataConfig, batch: int = 2, seed: int = 0):
+    """A deterministic input shaped for the model's task (a list of images for detection)."""
+    gen = torch.Generator().manual_seed(seed)
+    if config.task == "detection":
+        return [torch.rand(*config.input_size, generator=gen) for _ in range(batch)]
+    return torch.randn(batch, *config.input_size, generator=gen)
+
+
+def _flatten(out, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return [(prefix, out)]
+    if isinstance(out, dict):
+        return [item for k, v in out.items() for item in _flatten(v, f"{prefix}.{k}")]
+    if isinstance(out, (list, tuple)):
+        return [item for i, v in enumerate(out) for item in _flatten(v, f"{prefix}[{i}]")]
+    return []
+
+
+def _move(x, device):
+    return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def run_probe(original: nn.Module, converted: nn.Module, config: DataConfig, plan: Plan) -> dict:
+    """Compare original and converted on one probe input (eval mode); raise if the result is broken.
+
+    Checks: the same output structure and shapes (detection outputs, whose box counts depend on
+    the weights, only by structure), finite outputs, and no converted layer still a batch norm.
+    Reports the cosine similarity of the outputs: how far the function moved before any training.
+    """
+    modes = [(m, m.training) for m in (original, converted)]
+    x = make_probe_input(config)
+    try:
+        original.eval()
+        converted.eval()
+        ref = _flatten(original(_move(x, _model_device(original))))
+        out = _flatten(converted(_move(x, _model_device(converted))))
+    except Exception as exc:
+        raise VerificationError(f"probe forward on input {tuple(config.input_size)} failed: {exc}") from None
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    problems = []
+    if [name for name, _ in ref] != [name for name, _ in out]:
+        problems.append("output structure differs from the original")
+    detection = config.task == "detection"
+    cosines = []
+    for (name, a), (_, b) in zip(ref, out):
+        if not detection and a.shape != b.shape:
+            problems.append(f"{name} has shape {tuple(b.shape)}, original {tuple(a.shape)}")
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            problems.append(f"{name} has non-finite values")
+        if not detection and a.shape == b.shape and a.is_floating_point() and a.numel():
+            cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+            cosines.append(float(cos))
+    leftover = []
+    for lp in plan.with_action("gn"):
+        module = converted.get_submodule(lp.path)
+        if norm_kind(module) is not None or not isinstance(module, nn.GroupNorm):
+            leftover.append(lp.path)
+    if leftover:
+        problems.append(f"{len(leftover)} selected layer(s) are still batch norms ({', '.join(leftover[:3])})")
+    if problems:
+        raise VerificationError("converted model failed its probe check: " + "; ".join(problems))
+    return {
+        "input_size": list(config.input_size),
+        "outputs": [{"name": n, "shape": list(t.shape)} for n, t in out],
+        "finite": True,
+        "output_cosine": min(cosines) if cosines else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclass
+class ConvertReport:
+    """What ``convert`` did: the plan, its summary, the probe result, timings, the output path."""
+
+    source: str
+    plan: Plan
+    output: str | None = None
+    dry_run: bool = False
+    probe: dict | None = None
+    timings: dict = field(default_factory=dict)
+    data_config: DataConfig | None = None
+
+    @property
+    def summary(self) -> dict:
+        return self.plan.summary()
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "convert",
+            "gnsurgeon_version": __version__,
+            "source": self.source,
+            "output": self.output,
+            "dry_run": self.dry_run,
+            "summary": self.summary,
+            "probe": self.probe,
+            "timings_s": self.timings,
+            "data_config": self.data_config.to_dict() if self.data_config else None,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def convert_source(
+    source: str,
+    output: str | Path | None,
+    options: ConvertOptions | None = None,
+    *,
+    dry_run: bool = False,
+) -> ConvertReport:
+    """Convert ``source`` and write one checkpoint to ``output`` (nothing is written on ``dry_run``)."""
+    options = options or ConvertOptions()
+    policy, selection = options.policy(), options.selection()  # validate options before slow work
+    if not dry_run:
+        if output is None:
+            raise GNSurgeonError("an output file is required (-o OUT.safetensors), or use --dry-run")
+        output = Path(output)
+        if output.suffix != ".safetensors":
+            raise GNSurgeonError(f"output {output} must end in .safetensors")
+        if not output.parent.is_dir():
+            raise GNSurgeonError(f"output directory {output.parent} does not exist")
+    opened = open_source(source, options)
+    start = time.perf_counter()
+    delta = make_plan(opened.model, policy, selection)
+    plan = merge_plans(opened.plan, delta)
+    timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
+    report = ConvertReport(str(source), plan, str(output) if output else None, dry_run,
+                           data_config=opened.data_config, timings=timings)
+    if dry_run:
+        return report
+    start = time.perf_counter()
+    converted = apply_plan(opened.model, Plan(delta.with_action("gn", "frozen", "folded"), delta.options))
+    timings["convert"] = round(time.perf_counter() - start, 4)
+    if options.probe:
+        start = time.perf_counter()
+        report.probe = run_probe(opened.model, converted, opened.data_config, plan)
+        timings["probe"] = round(time.perf_counter() - start, 4)
+    history = opened.history + [
+        {
+            "stage": "convert",
+            "gnsurgeon_version": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": str(source),
+            "weights": options.weights,
+            "pretrained": options.pretrained,
+            "options": delta.options,
+            "converted": len(delta.with_action("gn")),
+        }
+    ]
+    start = time.perf_counter()
+    save(output, converted, plan, source=opened.spec, data_config=opened.data_config, history=history)
+    timings["save"] = round(time.perf_counter() - start, 4)
+    return report
+
+
+@dataclass
+class InspectReport:
+    """Every normalization layer of a source or checkpoint, with what conversion would do/did."""
+
+    source: str
+    plan: Plan
+    is_checkpoint: bool
+    data_config: DataConfig
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "inspect",
+            "gnsurgeon_version": __version__,
+            "source": self.source,
+            "is_checkpoint": self.is_checkpoint,
+            "summary": self.plan.summary(),
+            "data_config": self.data_config.to_dict(),
+            "history": self.history,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def inspect_source(source: str, options: ConvertOptions | None = None) -> InspectReport:
+    """The stored plan of a checkpoint, or the plan ``convert`` would make for a model source."""
+    options = options or ConvertOptions()
+    if is_checkpoint(source):
+        info = read_checkpoint(source)
+        return InspectReport(str(source), info.plan, True, info.data_config, info.history)
+    opened = open_source(source, options)
+    plan = make_plan(opened.model, options.policy(), options.selection())
+    return InspectReport(str(source), plan, False, opened.data_config)
+
+
+def layer_rows(plan: Plan) -> list[dict]:
+    """Flat rows for tables and JSON: path, kind, C, action, G, C/G, eps, act, note."""
+    rows = []
+    for lp in plan:
+        row = asdict(lp)
+        row["channels_per_group"] = lp.channels_per_group
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "ConvertOptions",
+    "ConvertReport",
+    "InspectReport",
+    "LayerPlan",
+    "convert_source",
+    "inspect_source",
+    "make_probe_input",
+    "open_source",
+    "run_probe",
+]

@@ -1,0 +1,216 @@
+"""The plan: what happens to every normalization layer, as data.
+
+A :class:`Plan` holds one :class:`LayerPlan` per normalization layer found in a model. It is built
+once (:func:`make_plan`), printed by ``inspect``, stored as JSON in the checkpoint, and replayed by
+:func:`gnsurgeon.surgery.apply_plan` to rebuild the architecture before tensors are loaded. Later
+stages (freeze/fold, calibration, fine-tuning, export) read the plan instead of re-deriving it.
+
+Group policy
+------------
+The paper's two good defaults are a fixed number of groups (G = 32) and a fixed number of channels
+per group (C/G = 16). Both are turned into a *target* group count T (T = G, or T = C / K) and
+resolved per layer by one rule:
+
+* admissible group counts are the divisors ``d >= 2`` of C that leave at least
+  ``min_group_channels`` channels per group (default 2, so never G = C, i.e. InstanceNorm);
+* take the largest admissible ``d <= T`` (groups are never smaller than the policy asks);
+* if none is ``<= T`` (C is small for the rule), take the smallest admissible ``d``
+  (the largest groups that still leave two or more of them);
+* if nothing is admissible (C = 3, 5, 7, ...), use G = 1 (LayerNorm-like) and say so.
+
+Anything other than the exact policy value is a *fallback* and carries a note; ``strict`` turns a
+fallback into an error. ``groups=1`` asked explicitly is honoured as LayerNorm.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import GNSurgeonError
+
+ACTIONS = ("gn", "frozen", "folded", "keep")
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """How many groups a GroupNorm over C channels gets.
+
+    Exactly one of ``groups`` / ``channels_per_group`` is set. ``min_group_channels`` is the floor on
+    C/G (1 allows InstanceNorm). ``strict`` makes any fallback an error.
+    """
+
+    groups: int | None = 32
+    channels_per_group: int | None = None
+    min_group_channels: int = 2
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.groups is None) == (self.channels_per_group is None):
+            raise GNSurgeonError(
+                "give exactly one group policy: --groups G or --channels-per-group K, not both"
+            )
+        for name in ("groups", "channels_per_group", "min_group_channels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise GNSurgeonError(f"option {name} must be a positive integer, got {value!r}")
+
+    @property
+    def rule(self) -> str:
+        if self.groups is not None:
+            return f"groups={self.groups}"
+        return f"channels_per_group={self.channels_per_group}"
+
+    def resolve(self, channels: int) -> tuple[int, str]:
+        """Return ``(G, note)`` for a layer of ``channels`` channels; note is "" when exact."""
+        c = channels
+        if self.groups == 1:
+            return 1, ""
+        target = self.groups if self.groups is not None else c / self.channels_per_group
+        admissible = [d for d in _divisors(c) if d >= 2 and c // d >= self.min_group_channels]
+        below = [d for d in admissible if d <= target]
+        if below:
+            g = max(below)
+        elif admissible:
+            g = min(admissible)
+        else:
+            g = 1
+        if g == target:
+            return g, ""
+        note = self._fallback_note(c, target, g)
+        if self.strict:
+            raise GNSurgeonError(f"--strict: {note}")
+        return g, note
+
+    def _fallback_note(self, c: int, target: float, g: int) -> str:
+        if g == 1:
+            return f"no G >= 2 leaves >= {self.min_group_channels} ch/group: G=1 (LayerNorm-like)"
+        if self.groups is not None:
+            if c % self.groups == 0:
+                why = f"G={self.groups} leaves {c // self.groups} ch/group (< {self.min_group_channels})"
+            else:
+                why = f"{self.groups} groups do not divide C={c}"
+        elif target == 1:
+            why = f"{self.channels_per_group} ch/group gives G=1 (LayerNorm)"
+        elif c % self.channels_per_group == 0:
+            why = f"{self.channels_per_group} ch/group gives G={int(target)} (< 2 ch/group floor)"
+        else:
+            why = f"{self.channels_per_group} ch/group do not divide C={c}"
+        return f"{why}: fell back to G={g}"
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one normalization layer.
+
+    ``path`` is the module path (``layer1.0.bn1``), ``kind`` the source layer's kind
+    (see :data:`gnsurgeon.layers.NORM_KINDS`), ``action`` one of ``gn`` (GroupNorm), ``frozen`` (BN*
+    affine), ``folded`` (BN* merged into ``producer``) or ``keep``. ``groups``/``rule``/``note`` say how
+    G was chosen and why a fallback or skip happened. ``act`` names a fused activation that is kept.
+    """
+
+    path: str
+    kind: str
+    channels: int
+    eps: float
+    affine: bool
+    action: str = "keep"
+    groups: int | None = None
+    rule: str = ""
+    note: str = ""
+    act: str = ""
+    producer: str | None = None
+
+    @property
+    def channels_per_group(self) -> int | None:
+        return self.channels // self.groups if self.groups else None
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.action == "gn" and bool(self.note)
+
+
+@dataclass
+class Plan:
+    """The per-layer plan plus the options that produced it (kept for the record and for replay)."""
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def by_path(self) -> dict[str, LayerPlan]:
+        return {lp.path: lp for lp in self.layers}
+
+    def with_action(self, *actions: str) -> list[LayerPlan]:
+        return [lp for lp in self.layers if lp.action in actions]
+
+    def summary(self) -> dict:
+        """Counts that the CLI prints and the JSON report carries."""
+        gn = self.with_action("gn")
+        return {
+            "layers": len(self.layers),
+            "actions": dict(Counter(lp.action for lp in self.layers)),
+            "converted_by_kind": dict(Counter(lp.kind for lp in gn)),
+            "groups_histogram": {str(g): n for g, n in sorted(Counter(lp.groups for lp in gn).items())},
+            "fallbacks": [{"path": lp.path, "note": lp.note} for lp in gn if lp.note],
+            "kept": [{"path": lp.path, "note": lp.note} for lp in self.with_action("keep")],
+        }
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(lp) for lp in self.layers], "options": self.options}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        names = {f.name for f in fields(LayerPlan)}
+        layers = []
+        for raw in data.get("layers", []):
+            unknown = set(raw) - names
+            if unknown:
+                raise GNSurgeonError(f"plan entry {raw.get('path')!r} has unknown fields {sorted(unknown)}")
+            layers.append(LayerPlan(**raw))
+        return cls(layers=layers, options=dict(data.get("options", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+    """True when ``path`` matches any glob pattern (``*`` also crosses dots: ``layer1.*``)."""
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which layers a conversion touches: glob patterns over module paths and the 1-d opt-in."""
+
+    only: Sequence[str] = ()
+    skip: Sequence[str] = ()
+    include_1d: bool = False
+
+    def reason_to_keep(self, path: str, kind: str) -> str:
+        """Why a layer is left alone, or "" when it is selected."""
+        if self.only and not matches(path, self.only):
+            return "not matched by --only"
+        if matches(path, self.skip):
+            return "matched by --skip"
+        if kind == "BatchNorm1d" and not self.include_1d:
+            return "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
+        return ""

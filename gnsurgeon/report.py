@@ -1,0 +1,68 @@
+"""Rendering: rich tables for people, JSON files for machines. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import write_text_atomically
+from .plan import Plan
+
+# Wide enough for the plan table when output is piped (rich falls back to 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+_ACTION_STYLE = {"gn": "green", "frozen": "cyan", "folded": "blue", "keep": "dim"}
+
+
+def plan_table(plan: Plan, title: str = "Normalization layers") -> Table:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for name in ("path", "kind", "C", "action", "G", "C/G", "eps", "act"):
+        table.add_column(name, justify="right" if name in ("C", "G", "C/G", "eps") else "left", no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for lp in plan:
+        style = _ACTION_STYLE.get(lp.action, "")
+        note = lp.note + (f" (into {lp.producer})" if lp.producer else "")
+        table.add_row(
+            lp.path,
+            lp.kind,
+            str(lp.channels),
+            f"[{style}]{lp.action}[/]",
+            str(lp.groups or ""),
+            str(lp.channels_per_group or ""),
+            f"{lp.eps:g}",
+            lp.act,
+            f"[yellow]{note}[/]" if lp.is_fallback else note,
+        )
+    return table
+
+
+def summary_table(summary: dict, extra: dict | None = None) -> Table:
+    table = Table(title="Summary", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    table.add_row("normalization layers", str(summary["layers"]))
+    table.add_row("actions", _pairs(summary["actions"]))
+    table.add_row("converted by kind", _pairs(summary["converted_by_kind"]) or "none")
+    table.add_row("G histogram", _pairs(summary["groups_histogram"], "G=") or "none")
+    table.add_row("fallbacks", str(len(summary["fallbacks"])))
+    kept = summary["kept"]
+    reasons = {}
+    for item in kept:
+        reasons[item["note"] or "kept"] = reasons.get(item["note"] or "kept", 0) + 1
+    table.add_row("kept (why)", "; ".join(f"{n} {r}" for r, n in reasons.items()) or "none")
+    for key, value in (extra or {}).items():
+        table.add_row(key, str(value))
+    return table
+
+
+def _pairs(mapping: dict, prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{k}: {v}" for k, v in mapping.items())
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    return write_text_atomically(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

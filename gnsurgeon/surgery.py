@@ -1,0 +1,169 @@
+"""Plan and apply surgery on a model. The input model is never mutated.
+
+:func:`make_plan` walks the model, classifies every batch-norm-like layer (see
+:mod:`gnsurgeon.layers`) and decides its action; :func:`apply_plan` deep-copies the model and
+replaces modules on their parents (``setattr``), which works on models that FX cannot trace
+(detection models, timm nets with control flow). A module registered under several paths is
+replaced by one new module at all of them, so sharing is preserved.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import GNSurgeonError
+from .layers import describe_act, has_affine, make_group_norm, norm_kind, num_channels
+from .plan import GroupPolicy, LayerPlan, Plan, Selection
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise GNSurgeonError(
+            "the model is a TorchScript module, whose layers cannot be replaced; "
+            "convert the eager nn.Module before scripting it"
+        )
+    if not isinstance(model, nn.Module):
+        raise GNSurgeonError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def iter_norm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` for every batch-norm-like layer, each module once (first path)."""
+    for path, module in model.named_modules():
+        if path and norm_kind(module) is not None:
+            yield path, module
+
+
+def make_plan(
+    model: nn.Module,
+    policy: GroupPolicy | None = None,
+    selection: Selection | None = None,
+) -> Plan:
+    """Decide, for every batch-norm-like layer of ``model``, what conversion does to it."""
+    _refuse_scripted(model)
+    policy = policy or GroupPolicy()
+    selection = selection or Selection()
+    layers = []
+    for path, module in iter_norm_layers(model):
+        kind = norm_kind(module)
+        lp = LayerPlan(
+            path=path,
+            kind=kind.name,
+            channels=num_channels(module),
+            eps=float(module.eps),
+            affine=has_affine(module),
+            act=describe_act(module),
+        )
+        keep_reason = selection.reason_to_keep(path, kind.name)
+        if keep_reason:
+            lp.note = keep_reason
+        else:
+            try:
+                lp.groups, lp.note = policy.resolve(lp.channels)
+            except GNSurgeonError as exc:
+                raise GNSurgeonError(f"layer {path}: {exc}") from None
+            lp.action, lp.rule = "gn", policy.rule
+        layers.append(lp)
+    options = {
+        "policy": {
+            "groups": policy.groups,
+            "channels_per_group": policy.channels_per_group,
+            "min_group_channels": policy.min_group_channels,
+            "strict": policy.strict,
+        },
+        "selection": {
+            "only": list(selection.only),
+            "skip": list(selection.skip),
+            "include_1d": selection.include_1d,
+        },
+    }
+    return Plan(layers=layers, options=options)
+
+
+def _build_replacement(lp: LayerPlan, module: nn.Module) -> nn.Module:
+    if lp.action == "gn":
+        return make_group_norm(module, lp.groups)
+    raise GNSurgeonError(f"layer {lp.path}: action {lp.action!r} is not supported by this version")
+
+
+def _module_paths(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
+    by_path, aliases = {}, defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        by_path[path] = module
+        aliases[id(module)].append(path)
+    return by_path, aliases
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    try:
+        setattr(parent, child, new)
+    except Exception as exc:  # ScriptModules and exotic containers refuse assignment
+        raise GNSurgeonError(
+            f"layer {path} cannot be replaced: its parent {type(parent).__name__} refused ({exc})"
+        ) from None
+    if root.get_submodule(path) is not new:
+        raise GNSurgeonError(f"layer {path} cannot be replaced: its parent does not keep assigned modules")
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """Return a copy of ``model`` with every layer whose action is not ``keep`` replaced.
+
+    The plan is checked against the model first (path, kind, channels), so a plan replayed on the
+    wrong architecture fails with the layer named instead of producing a wrong model.
+    """
+    _refuse_scripted(model)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:
+            raise GNSurgeonError(
+                f"the model cannot be copied ({exc}); gnsurgeon never edits its input in place"
+            ) from None
+    by_path, aliases = _module_paths(model)
+    for lp in plan:
+        if lp.action == "keep":
+            continue
+        module = by_path.get(lp.path)
+        if module is None:
+            raise GNSurgeonError(f"plan names layer {lp.path}, which the model does not have")
+        kind = norm_kind(module)
+        if kind is None or kind.name != lp.kind:
+            found = kind.name if kind else type(module).__name__
+            raise GNSurgeonError(f"layer {lp.path} is a {found} in the model but a {lp.kind} in the plan")
+        if num_channels(module) != lp.channels:
+            raise GNSurgeonError(
+                f"layer {lp.path} has {num_channels(module)} channels in the model but {lp.channels} in the plan"
+            )
+        new = _build_replacement(lp, module)
+        for path in aliases[id(module)]:
+            _set_submodule(model, path, new)
+    return model
+
+
+def convert(
+    model: nn.Module,
+    *,
+    groups: int | None = None,
+    channels_per_group: int | None = None,
+    min_group_channels: int = 2,
+    strict: bool = False,
+    only: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    include_1d: bool = False,
+) -> nn.Module:
+    """BatchNorm -> GroupNorm on a copy of ``model``; γ/β, eps, act/drop, dtype and device are kept.
+
+    The policy is ``groups`` (default 32) or ``channels_per_group``, not both. For the plan itself
+    (to print or save it), call :func:`make_plan` and :func:`apply_plan`.
+    """
+    if groups is None and channels_per_group is None:
+        groups = 32
+    policy = GroupPolicy(groups, channels_per_group, min_group_channels, strict)
+    plan = make_plan(model, policy, Selection(tuple(only), tuple(skip), include_1d))
+    return apply_plan(model, plan)
