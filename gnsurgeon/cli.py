@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,25 +29,25 @@ app = typer.Typer(
 
 # ------------------------------------------------------------------------------------ shared options
 Source = Annotated[str, typer.Argument(help="timm:NAME, torchvision:NAME, or a gnsurgeon checkpoint.")]
-Groups = Annotated[Optional[int], typer.Option("--groups", help="Fixed number of groups G (default 32).")]
-Cpg = Annotated[Optional[int], typer.Option("--channels-per-group", help="Fixed channels per group K.")]
+Groups = Annotated[int | None, typer.Option("--groups", help="Fixed number of groups G (default 32).")]
+Cpg = Annotated[int | None, typer.Option("--channels-per-group", help="Fixed channels per group K.")]
 MinCpg = Annotated[
-    Optional[int], typer.Option("--min-group-channels", help="Floor on C/G (default 2; 1 allows InstanceNorm).")
+    int | None, typer.Option("--min-group-channels", help="Floor on C/G (default 2; 1 allows InstanceNorm).")
 ]
-Strict = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Make any group fallback an error.")]
-Only = Annotated[Optional[list[str]], typer.Option("--only", help="Convert only layers matching this glob.")]
-Skip = Annotated[Optional[list[str]], typer.Option("--skip", help="Leave layers matching this glob alone.")]
-Include1d = Annotated[Optional[bool], typer.Option("--include-1d/--no-include-1d", help="Also convert BatchNorm1d.")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help=".safetensors, or .pth/.pt/.bin state dict.")]
+Strict = Annotated[bool | None, typer.Option("--strict/--no-strict", help="Make any group fallback an error.")]
+Only = Annotated[list[str] | None, typer.Option("--only", help="Convert only layers matching this glob.")]
+Skip = Annotated[list[str] | None, typer.Option("--skip", help="Leave layers matching this glob alone.")]
+Include1d = Annotated[bool | None, typer.Option("--include-1d/--no-include-1d", help="Also convert BatchNorm1d.")]
+Weights = Annotated[Path | None, typer.Option("--weights", help=".safetensors, or .pth/.pt/.bin state dict.")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Use the library's own pretrained weights.")]
-NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Constructor num_classes.")]
-InChans = Annotated[Optional[int], typer.Option("--in-chans", help="Constructor in_chans (timm).")]
-ModelKwargs = Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor kwargs: k=v,k2=v2.")]
-InputSize = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W (or C,T,H,W) for probes.")]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean, comma separated.")]
-Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std, comma separated.")]
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="YAML/TOML recipe; flags override it.")]
-JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")]
+NumClasses = Annotated[int | None, typer.Option("--num-classes", help="Constructor num_classes.")]
+InChans = Annotated[int | None, typer.Option("--in-chans", help="Constructor in_chans (timm).")]
+ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", help="Constructor kwargs: k=v,k2=v2.")]
+InputSize = Annotated[str | None, typer.Option("--input-size", help="C,H,W (or C,T,H,W) for probes.")]
+Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean, comma separated.")]
+Std = Annotated[str | None, typer.Option("--std", help="Normalisation std, comma separated.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe; flags override it.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
 
 def _fail(exc: GNSurgeonError) -> None:
@@ -69,8 +69,23 @@ def _build_options(recipe: Path | None, flags: dict) -> ConvertOptions:
     return ConvertOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
 
 
-def _convert_flags(groups, channels_per_group, min_group_channels, strict, only, skip, include_1d,
-                   weights, pretrained, num_classes, in_chans, model_kwargs, input_size, mean, std) -> dict:
+def _convert_flags(
+    groups,
+    channels_per_group,
+    min_group_channels,
+    strict,
+    only,
+    skip,
+    include_1d,
+    weights,
+    pretrained,
+    num_classes,
+    in_chans,
+    model_kwargs,
+    input_size,
+    mean,
+    std,
+) -> dict:
     return {
         "groups": groups,
         "channels_per_group": channels_per_group,
@@ -93,7 +108,7 @@ def _convert_flags(groups, channels_per_group, min_group_channels, strict, only,
 @app.command()
 def convert(
     source: Source,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .safetensors.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors.")] = None,
     groups: Groups = None,
     channels_per_group: Cpg = None,
     min_group_channels: MinCpg = None,
@@ -117,9 +132,23 @@ def convert(
 ) -> None:
     """Rewrite SOURCE from BatchNorm to GroupNorm and save one checkpoint."""
     try:
-        flags = _convert_flags(groups, channels_per_group, min_group_channels, strict, only, skip,
-                               include_1d, weights, pretrained, num_classes, in_chans, model_kwargs,
-                               input_size, mean, std)
+        flags = _convert_flags(
+            groups,
+            channels_per_group,
+            min_group_channels,
+            strict,
+            only,
+            skip,
+            include_1d,
+            weights,
+            pretrained,
+            num_classes,
+            in_chans,
+            model_kwargs,
+            input_size,
+            mean,
+            std,
+        )
         options = _build_options(recipe, flags)
         options.probe = not no_probe
         with console.status(f"converting {source} ..."):
@@ -163,9 +192,23 @@ def inspect(
 ) -> None:
     """Print every normalization layer of SOURCE or CHECKPOINT: kind, C, action, G, C/G, eps, note."""
     try:
-        flags = _convert_flags(groups, channels_per_group, min_group_channels, strict, only, skip,
-                               include_1d, weights, False, num_classes, in_chans, model_kwargs,
-                               None, None, None)
+        flags = _convert_flags(
+            groups,
+            channels_per_group,
+            min_group_channels,
+            strict,
+            only,
+            skip,
+            include_1d,
+            weights,
+            False,
+            num_classes,
+            in_chans,
+            model_kwargs,
+            None,
+            None,
+            None,
+        )
         options = _build_options(recipe, flags)
         report = inspect_source(source, options)
     except GNSurgeonError as exc:

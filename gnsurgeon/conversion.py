@@ -186,7 +186,7 @@ def run_probe(original: nn.Module, converted: nn.Module, config: DataConfig, pla
         problems.append("output structure differs from the original")
     detection = config.task == "detection"
     cosines = []
-    for (name, a), (_, b) in zip(ref, out):
+    for (name, a), (_, b) in zip(ref, out, strict=False):
         if not detection and a.shape != b.shape:
             problems.append(f"{name} has shape {tuple(b.shape)}, original {tuple(a.shape)}")
         if b.is_floating_point() and not torch.isfinite(b).all():
@@ -266,8 +266,9 @@ def convert_source(
     delta = make_plan(opened.model, policy, selection)
     plan = merge_plans(opened.plan, delta)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
-    report = ConvertReport(str(source), plan, str(output) if output else None, dry_run,
-                           data_config=opened.data_config, timings=timings)
+    report = ConvertReport(
+        str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
+    )
     if dry_run:
         return report
     start = time.perf_counter()

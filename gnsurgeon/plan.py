@@ -51,9 +51,7 @@ class GroupPolicy:
 
     def __post_init__(self) -> None:
         if (self.groups is None) == (self.channels_per_group is None):
-            raise GNSurgeonError(
-                "give exactly one group policy: --groups G or --channels-per-group K, not both"
-            )
+            raise GNSurgeonError("give exactly one group policy: --groups G or --channels-per-group K, not both")
         for name in ("groups", "channels_per_group", "min_group_channels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

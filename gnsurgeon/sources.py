@@ -38,9 +38,7 @@ class SourceSpec:
     def parse(cls, text: str, kwargs: dict | None = None, pretrained: bool = False) -> SourceSpec:
         library, sep, name = text.partition(":")
         if not sep or library not in LIBRARIES or not name:
-            raise GNSurgeonError(
-                f"source {text!r} is not timm:NAME, torchvision:NAME or a gnsurgeon checkpoint file"
-            )
+            raise GNSurgeonError(f"source {text!r} is not timm:NAME, torchvision:NAME or a gnsurgeon checkpoint file")
         return cls(library, name, dict(kwargs or {}), pretrained)
 
     def to_dict(self) -> dict:
@@ -251,8 +249,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, unsafe globals...
         raise GNSurgeonError(
-            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict "
-            f"({_first_line(exc)})"
+            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({_first_line(exc)})"
         ) from None
     return _unwrap_state_dict(obj, path)
 

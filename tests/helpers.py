@@ -1,0 +1,56 @@
+"""Small shared helpers for tests (models with known structure, output flattening)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gnsurgeon.layers import norm_kind
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {p: m for p, m in model.named_modules() if p and norm_kind(m) is not None}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial γ/β and running statistics, as a trained model would have."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in bn_layers(model).values():
+            c = m.running_mean.shape[0]
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return model
+
+
+def activation_counts(model: nn.Module) -> dict[str, int]:
+    acts = (
+        nn.ReLU,
+        nn.ReLU6,
+        nn.SiLU,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.GELU,
+        nn.LeakyReLU,
+        nn.Sigmoid,
+        nn.Mish,
+        nn.ELU,
+    )
+    counts: dict[str, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, acts):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+def flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flatten(v)]
+    return []
