@@ -160,7 +160,8 @@ def convert(
     extra = {}
     if report.probe:
         cos = report.probe["output_cosine"]
-        extra["probe"] = "ok: shapes equal, outputs finite, no selected BN left" + (
+        compared = report.probe["compared"]
+        extra["probe"] = f"ok: output {compared} equal, outputs finite, no selected BN left" + (
             f" (output cosine vs original {cos:.4f})" if cos is not None else ""
         )
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())

@@ -224,3 +224,24 @@ def test_non_checkpoint_file_as_source(tmp_path):
     st = tmp_path / "w.safetensors"
     save_file({"w": torch.zeros(2)}, str(st))
     assert_bad_input(run("convert", st, "--dry-run"), "is not a gnsurgeon checkpoint", "--weights")
+
+
+@pytest.mark.parametrize(
+    "source, extra",
+    [
+        ("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", ["--model-kwargs", "min_size=96,max_size=96"]),
+        ("torchvision:lraspp_mobilenet_v3_large", ["--num-classes", "3"]),
+    ],
+)
+def test_detection_and_segmentation_models(source, extra, tmp_path):
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    result = run("convert", source, *extra, "--input-size", "3,96,96", "-o", out, "--json", report, "-q")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["summary"]["actions"]["gn"] > 40
+    model = load(out)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        x = torch.rand(3, 96, 96)
+        y = model([x]) if "rcnn" in source else model(x[None])
+    assert y is not None
