@@ -8,8 +8,9 @@ DEMO := demo-out
 .PHONY: install demo test lint bench clean
 
 $(STAMP): pyproject.toml
+	@echo "Setting up $(VENV) (the first time downloads torch, about 5 GB: a few minutes) ..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

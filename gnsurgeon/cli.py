@@ -16,7 +16,7 @@ from . import __version__
 from .conversion import ConvertOptions, convert_source, inspect_source
 from .errors import GNSurgeonError, VerificationError
 from .recipes import recipe_section
-from .report import console, err_console, plan_table, summary_table, write_json
+from .report import console, err_console, fold_table, plan_table, summary_table, write_json
 from .sources import parse_floats, parse_input_size, parse_model_kwargs
 
 app = typer.Typer(
@@ -38,6 +38,10 @@ Strict = Annotated[bool | None, typer.Option("--strict/--no-strict", help="Make 
 Only = Annotated[list[str] | None, typer.Option("--only", help="Convert only layers matching this glob.")]
 Skip = Annotated[list[str] | None, typer.Option("--skip", help="Leave layers matching this glob alone.")]
 Include1d = Annotated[bool | None, typer.Option("--include-1d/--no-include-1d", help="Also convert BatchNorm1d.")]
+Freeze = Annotated[
+    list[str] | None, typer.Option("--freeze", help="Freeze matching layers into BN* (glob; '*' = all).")
+]
+Fold = Annotated[bool | None, typer.Option("--fold/--no-fold", help="Fold BN* into its conv/linear where exact.")]
 Weights = Annotated[Path | None, typer.Option("--weights", help=".safetensors, or .pth/.pt/.bin state dict.")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Use the library's own pretrained weights.")]
 NumClasses = Annotated[int | None, typer.Option("--num-classes", help="Constructor num_classes.")]
@@ -69,40 +73,17 @@ def _build_options(recipe: Path | None, flags: dict) -> ConvertOptions:
     return ConvertOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
 
 
-def _convert_flags(
-    groups,
-    channels_per_group,
-    min_group_channels,
-    strict,
-    only,
-    skip,
-    include_1d,
-    weights,
-    pretrained,
-    num_classes,
-    in_chans,
-    model_kwargs,
-    input_size,
-    mean,
-    std,
-) -> dict:
-    return {
-        "groups": groups,
-        "channels_per_group": channels_per_group,
-        "min_group_channels": min_group_channels,
-        "strict": strict,
-        "only": only,
-        "skip": skip,
-        "include_1d": include_1d,
-        "weights": str(weights) if weights else None,
-        "pretrained": pretrained or None,
-        "num_classes": num_classes,
-        "in_chans": in_chans,
-        "model_kwargs": parse_model_kwargs(model_kwargs) or None,
-        "input_size": parse_input_size(input_size),
-        "mean": parse_floats(mean, "--mean"),
-        "std": parse_floats(std, "--std"),
-    }
+def _convert_flags(values: dict) -> dict:
+    """The command's raw option values -> ConvertOptions fields (None where the flag was not given)."""
+    names = set(ConvertOptions.__dataclass_fields__)
+    flags = {k: v for k, v in values.items() if k in names}
+    flags["weights"] = str(values["weights"]) if values.get("weights") else None
+    flags["pretrained"] = values.get("pretrained") or None
+    flags["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs")) or None
+    flags["input_size"] = parse_input_size(values.get("input_size"))
+    flags["mean"] = parse_floats(values.get("mean"), "--mean")
+    flags["std"] = parse_floats(values.get("std"), "--std")
+    return flags
 
 
 @app.command()
@@ -116,6 +97,8 @@ def convert(
     only: Only = None,
     skip: Skip = None,
     include_1d: Include1d = None,
+    freeze: Freeze = None,
+    fold: Fold = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -132,23 +115,7 @@ def convert(
 ) -> None:
     """Rewrite SOURCE from BatchNorm to GroupNorm and save one checkpoint."""
     try:
-        flags = _convert_flags(
-            groups,
-            channels_per_group,
-            min_group_channels,
-            strict,
-            only,
-            skip,
-            include_1d,
-            weights,
-            pretrained,
-            num_classes,
-            in_chans,
-            model_kwargs,
-            input_size,
-            mean,
-            std,
-        )
+        flags = _convert_flags(locals())
         options = _build_options(recipe, flags)
         options.probe = not no_probe
         with console.status(f"converting {source} ..."):
@@ -163,6 +130,13 @@ def convert(
         compared = report.probe["compared"]
         extra["probe"] = f"ok: output {compared} equal, outputs finite, no selected BN left" + (
             f" (output cosine vs original {cos:.4f})" if cos is not None else ""
+        )
+    if report.fold_check:
+        if not quiet:
+            console.print(fold_table(report.fold_check))
+        out = report.fold_check["output"]
+        extra["freeze/fold check"] = f"ok: within rtol {report.fold_check['rtol']:g}" + (
+            f" (output max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e})" if out else ""
         )
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())
     extra["output"] = report.output or "(dry run: nothing written)"
@@ -184,6 +158,8 @@ def inspect(
     only: Only = None,
     skip: Skip = None,
     include_1d: Include1d = None,
+    freeze: Freeze = None,
+    fold: Fold = None,
     weights: Weights = None,
     num_classes: NumClasses = None,
     in_chans: InChans = None,
@@ -193,23 +169,7 @@ def inspect(
 ) -> None:
     """Print every normalization layer of SOURCE or CHECKPOINT: kind, C, action, G, C/G, eps, note."""
     try:
-        flags = _convert_flags(
-            groups,
-            channels_per_group,
-            min_group_channels,
-            strict,
-            only,
-            skip,
-            include_1d,
-            weights,
-            False,
-            num_classes,
-            in_chans,
-            model_kwargs,
-            None,
-            None,
-            None,
-        )
+        flags = _convert_flags(locals())
         options = _build_options(recipe, flags)
         report = inspect_source(source, options)
     except GNSurgeonError as exc:

@@ -17,8 +17,10 @@ from torch import nn
 from . import __version__
 from .checkpoint import is_checkpoint, load, read_checkpoint, save
 from .errors import GNSurgeonError, VerificationError
-from .layers import norm_kind
+from .fold import compare_freeze_fold, plan_folds
+from .layers import FrozenBNAffine, norm_kind
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
+from .probe import flatten_outputs, make_probe_input, model_device, move_to
 from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
 from .surgery import apply_plan, make_plan
 
@@ -34,6 +36,8 @@ class ConvertOptions:
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     include_1d: bool = False
+    freeze: list[str] = field(default_factory=list)
+    fold: bool = False
     weights: str | None = None
     pretrained: bool = False
     num_classes: int | None = None
@@ -45,7 +49,17 @@ class ConvertOptions:
     probe: bool = True
     seed: int = 0
 
-    RECIPE_KEYS = ("groups", "channels_per_group", "min_group_channels", "strict", "only", "skip", "include_1d")
+    RECIPE_KEYS = (
+        "groups",
+        "channels_per_group",
+        "min_group_channels",
+        "strict",
+        "only",
+        "skip",
+        "include_1d",
+        "freeze",
+        "fold",
+    )
 
     def policy(self) -> GroupPolicy:
         groups = self.groups
@@ -54,7 +68,7 @@ class ConvertOptions:
         return GroupPolicy(groups, self.channels_per_group, self.min_group_channels, self.strict)
 
     def selection(self) -> Selection:
-        return Selection(tuple(self.only), tuple(self.skip), self.include_1d)
+        return Selection(tuple(self.only), tuple(self.skip), self.include_1d, tuple(self.freeze))
 
     def constructor_kwargs(self) -> dict:
         kwargs = dict(self.model_kwargs)
@@ -132,35 +146,6 @@ def merge_plans(previous: Plan | None, new: Plan) -> Plan:
     return Plan(layers=layers, options=new.options)
 
 
-# --------------------------------------------------------------------------------------- probing
-def make_probe_input(config: DataConfig, batch: int = 2, seed: int = 0):
-    """A deterministic input shaped for the model's task (a list of images for detection)."""
-    gen = torch.Generator().manual_seed(seed)
-    if config.task == "detection":
-        return [torch.rand(*config.input_size, generator=gen) for _ in range(batch)]
-    return torch.randn(batch, *config.input_size, generator=gen)
-
-
-def _flatten(out, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
-    if isinstance(out, torch.Tensor):
-        return [(prefix, out)]
-    if isinstance(out, dict):
-        return [item for k, v in out.items() for item in _flatten(v, f"{prefix}.{k}")]
-    if isinstance(out, (list, tuple)):
-        return [item for i, v in enumerate(out) for item in _flatten(v, f"{prefix}[{i}]")]
-    return []
-
-
-def _move(x, device):
-    return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def run_probe(original: nn.Module, converted: nn.Module, config: DataConfig, plan: Plan) -> dict:
     """Compare original and converted on one probe input (eval mode); raise if the result is broken.
@@ -174,8 +159,8 @@ def run_probe(original: nn.Module, converted: nn.Module, config: DataConfig, pla
     try:
         original.eval()
         converted.eval()
-        ref = _flatten(original(_move(x, _model_device(original))))
-        out = _flatten(converted(_move(x, _model_device(converted))))
+        ref = flatten_outputs(original(move_to(x, model_device(original))))
+        out = flatten_outputs(converted(move_to(x, model_device(converted))))
     except Exception as exc:
         raise VerificationError(f"probe forward on input {tuple(config.input_size)} failed: {exc}") from None
     finally:
@@ -195,9 +180,10 @@ def run_probe(original: nn.Module, converted: nn.Module, config: DataConfig, pla
             cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
             cosines.append(float(cos))
     leftover = []
-    for lp in plan.with_action("gn"):
+    for lp in plan.with_action("gn", "frozen", "folded"):
         module = converted.get_submodule(lp.path)
-        if norm_kind(module) is not None or not isinstance(module, nn.GroupNorm):
+        expected = {"gn": nn.GroupNorm, "frozen": FrozenBNAffine}.get(lp.action)
+        if norm_kind(module) is not None or (expected is not None and not isinstance(module, expected)):
             leftover.append(lp.path)
     if leftover:
         problems.append(f"{len(leftover)} selected layer(s) are still batch norms ({', '.join(leftover[:3])})")
@@ -223,6 +209,7 @@ class ConvertReport:
     output: str | None = None
     dry_run: bool = False
     probe: dict | None = None
+    fold_check: dict | None = None
     timings: dict = field(default_factory=dict)
     data_config: DataConfig | None = None
 
@@ -239,6 +226,7 @@ class ConvertReport:
             "dry_run": self.dry_run,
             "summary": self.summary,
             "probe": self.probe,
+            "fold_check": self.fold_check,
             "timings_s": self.timings,
             "data_config": self.data_config.to_dict() if self.data_config else None,
             "plan": self.plan.to_dict(),
@@ -266,6 +254,8 @@ def convert_source(
     opened = open_source(source, options)
     start = time.perf_counter()
     delta = make_plan(opened.model, policy, selection)
+    if options.fold:
+        delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     plan = merge_plans(opened.plan, delta)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
@@ -279,6 +269,9 @@ def convert_source(
     if options.probe:
         start = time.perf_counter()
         report.probe = run_probe(opened.model, converted, opened.data_config, plan)
+        if delta.with_action("frozen", "folded"):
+            example = make_probe_input(opened.data_config, batch=2, seed=options.seed + 1)
+            report.fold_check = compare_freeze_fold(opened.model, converted, delta, example)
         timings["probe"] = round(time.perf_counter() - start, 4)
     history = opened.history + [
         {
@@ -290,6 +283,8 @@ def convert_source(
             "pretrained": options.pretrained,
             "options": delta.options,
             "converted": len(delta.with_action("gn")),
+            "frozen": len(delta.with_action("frozen")),
+            "folded": len(delta.with_action("folded")),
         }
     ]
     start = time.perf_counter()
@@ -329,6 +324,8 @@ def inspect_source(source: str, options: ConvertOptions | None = None) -> Inspec
         return InspectReport(str(source), info.plan, True, info.data_config, info.history)
     opened = open_source(source, options)
     plan = make_plan(opened.model, options.policy(), options.selection())
+    if options.fold:
+        plan = plan_folds(opened.model, plan, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     return InspectReport(str(source), plan, False, opened.data_config)
 
 

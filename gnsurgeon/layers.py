@@ -111,8 +111,7 @@ def make_group_norm(bn: nn.Module, groups: int) -> nn.GroupNorm:
         gn: nn.GroupNorm = GroupNormAct(
             channels, num_groups=groups, eps=bn.eps, affine=affine, apply_act=False, **factory
         )
-        gn.drop = bn.drop if hasattr(bn, "drop") else nn.Identity()
-        gn.act = bn.act if hasattr(bn, "act") else nn.Identity()
+        gn.drop, gn.act = fused_act_modules(bn)
     else:
         gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=affine, **factory)
     if affine:
@@ -125,3 +124,75 @@ def make_group_norm(bn: nn.Module, groups: int) -> nn.GroupNorm:
             gn.bias.requires_grad_(bn.bias.requires_grad)
     gn.train(bn.training)
     return gn
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor) and isinstance(
+        getattr(module, "running_var", None), torch.Tensor
+    )
+
+
+def frozen_affine_params(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN*'s per-channel ``(a, b)``: a = γ / sqrt(running_var + eps), b = β − a · running_mean.
+
+    Computed in float64 so that folding them into a producer adds no rounding of its own.
+    """
+    if not has_running_stats(bn):
+        raise GNSurgeonError(f"{type(bn).__name__} has no running statistics to freeze")
+    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if has_affine(bn) else torch.ones_like(var)
+    beta = bn.bias.detach().double() if has_affine(bn) else torch.zeros_like(mean)
+    a = gamma * torch.rsqrt(var + bn.eps)
+    return a, beta - a * mean
+
+
+class FrozenBNAffine(nn.Module):
+    """BN*: a batch norm frozen into the per-channel affine ``y = a·x + b`` (then drop, act).
+
+    This is the layer detection fine-tuning uses at 1-2 images per GPU (Mask R-CNN, detectron2's
+    ``FrozenBatchNorm2d``): the pre-training statistics are folded in, nothing is estimated from the
+    batch, and nothing is trainable (``scale``/``shift`` are buffers), so an optimizer cannot move it.
+    Unlike torchvision's and timm's frozen layers it works for any input rank (1d tokens, 2d, 3d video)
+    and keeps timm's fused ``drop``/``act``. ``eps`` is recorded for reference only: it is already in
+    ``scale``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("scale", torch.ones(num_features, device=device, dtype=dtype))
+        self.register_buffer("shift", torch.zeros(num_features, device=device, dtype=dtype))
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x = x * self.scale.view(shape) + self.shift.view(shape)
+        return self.act(self.drop(x))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def make_frozen_affine(bn: nn.Module) -> FrozenBNAffine:
+    """The BN* that takes ``bn``'s place: its running statistics and γ/β folded into (a, b)."""
+    a, b = frozen_affine_params(bn)
+    ref = _reference_tensor(bn)
+    frozen = FrozenBNAffine(num_channels(bn), float(bn.eps), device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        frozen.scale.copy_(a)
+        frozen.shift.copy_(b)
+    frozen.drop, frozen.act = fused_act_modules(bn)
+    frozen.train(bn.training)
+    return frozen
+
+
+def fused_act_modules(bn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The ``(drop, act)`` a timm *Act norm applies after normalising (Identity for plain BN)."""
+    drop = getattr(bn, "drop", None)
+    act = getattr(bn, "act", None)
+    return (
+        drop if isinstance(drop, nn.Module) else nn.Identity(),
+        act if isinstance(act, nn.Module) else nn.Identity(),
+    )

@@ -166,6 +166,7 @@ class Plan:
             "groups_histogram": {str(g): n for g, n in sorted(Counter(lp.groups for lp in gn).items())},
             "fallbacks": [{"path": lp.path, "note": lp.note} for lp in gn if lp.note],
             "kept": [{"path": lp.path, "note": lp.note} for lp in self.with_action("keep")],
+            "not_folded": [{"path": lp.path, "note": lp.note} for lp in self.with_action("frozen") if lp.note],
         }
 
     def to_dict(self) -> dict:
@@ -197,18 +198,26 @@ def matches(path: str, patterns: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which layers a conversion touches: glob patterns over module paths and the 1-d opt-in."""
+    """Which layers a conversion touches, and how: glob patterns over module paths.
+
+    Precedence: ``skip`` keeps a layer as it is; ``freeze`` makes it BN* (any kind, BatchNorm1d
+    included: a per-channel affine means the same on tokens); otherwise ``only`` and the BatchNorm1d
+    opt-in decide whether it becomes GroupNorm.
+    """
 
     only: Sequence[str] = ()
     skip: Sequence[str] = ()
     include_1d: bool = False
+    freeze: Sequence[str] = ()
 
-    def reason_to_keep(self, path: str, kind: str) -> str:
-        """Why a layer is left alone, or "" when it is selected."""
-        if self.only and not matches(path, self.only):
-            return "not matched by --only"
+    def action_for(self, path: str, kind: str) -> tuple[str, str]:
+        """``(action, note)`` for a layer: ``keep`` with the reason, ``frozen`` or ``gn``."""
         if matches(path, self.skip):
-            return "matched by --skip"
+            return "keep", "matched by --skip"
+        if matches(path, self.freeze):
+            return "frozen", ""
+        if self.only and not matches(path, self.only):
+            return "keep", "not matched by --only"
         if kind == "BatchNorm1d" and not self.include_1d:
-            return "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
-        return ""
+            return "keep", "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
+        return "gn", ""

@@ -26,7 +26,7 @@ def plan_table(plan: Plan, title: str = "Normalization layers") -> Table:
     table.add_column("note", overflow="fold")
     for lp in plan:
         style = _ACTION_STYLE.get(lp.action, "")
-        note = lp.note + (f" (into {lp.producer})" if lp.producer else "")
+        note = "; ".join(filter(None, [lp.note, f"into {lp.producer}" if lp.producer else ""]))
         table.add_row(
             lp.path,
             lp.kind,
@@ -50,6 +50,11 @@ def summary_table(summary: dict, extra: dict | None = None) -> Table:
     table.add_row("converted by kind", _pairs(summary["converted_by_kind"]) or "none")
     table.add_row("G histogram", _pairs(summary["groups_histogram"], "G=") or "none")
     table.add_row("fallbacks", str(len(summary["fallbacks"])))
+    if summary.get("not_folded"):
+        reasons: dict[str, int] = {}
+        for item in summary["not_folded"]:
+            reasons[item["note"]] = reasons.get(item["note"], 0) + 1
+        table.add_row("frozen, not folded (why)", "; ".join(f"{n} {r}" for r, n in reasons.items()))
     kept = summary["kept"]
     reasons = {}
     for item in kept:
@@ -57,6 +62,18 @@ def summary_table(summary: dict, extra: dict | None = None) -> Table:
     table.add_row("kept (why)", "; ".join(f"{n} {r}" for r, n in reasons.items()) or "none")
     for key, value in (extra or {}).items():
         table.add_row(key, str(value))
+    return table
+
+
+def fold_table(check: dict) -> Table:
+    table = Table(title="Freeze/fold check (vs BN in eval mode)", header_style="bold")
+    for name in ("layer", "action", "max abs", "max rel"):
+        table.add_column(name, justify="left" if name in ("layer", "action") else "right")
+    rows = [(path, e) for path, e in check["layers"].items()]
+    if check["output"]:
+        rows.append(("(model output)", {"action": "", **check["output"]}))
+    for path, e in rows:
+        table.add_row(path, e["action"], f"{e['max_abs']:.2e}", f"{e['max_rel']:.2e}")
     return table
 
 

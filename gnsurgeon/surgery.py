@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .errors import GNSurgeonError
-from .layers import describe_act, has_affine, make_group_norm, norm_kind, num_channels
+from .layers import (
+    describe_act,
+    has_affine,
+    has_running_stats,
+    make_frozen_affine,
+    make_group_norm,
+    norm_kind,
+    num_channels,
+)
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
 
 
@@ -58,15 +66,15 @@ def make_plan(
             affine=has_affine(module),
             act=describe_act(module),
         )
-        keep_reason = selection.reason_to_keep(path, kind.name)
-        if keep_reason:
-            lp.note = keep_reason
-        else:
+        lp.action, lp.note = selection.action_for(path, kind.name)
+        if lp.action == "gn":
             try:
                 lp.groups, lp.note = policy.resolve(lp.channels)
             except GNSurgeonError as exc:
                 raise GNSurgeonError(f"layer {path}: {exc}") from None
-            lp.action, lp.rule = "gn", policy.rule
+            lp.rule = policy.rule
+        elif lp.action == "frozen" and not has_running_stats(module):
+            raise GNSurgeonError(f"layer {path} has no running statistics, so it cannot be frozen into BN*")
         layers.append(lp)
     options = {
         "policy": {
@@ -79,15 +87,22 @@ def make_plan(
             "only": list(selection.only),
             "skip": list(selection.skip),
             "include_1d": selection.include_1d,
+            "freeze": list(selection.freeze),
         },
     }
     return Plan(layers=layers, options=options)
 
 
-def _build_replacement(lp: LayerPlan, module: nn.Module) -> nn.Module:
+def _build_replacement(lp: LayerPlan, module: nn.Module, model: nn.Module) -> nn.Module:
     if lp.action == "gn":
         return make_group_norm(module, lp.groups)
-    raise GNSurgeonError(f"layer {lp.path}: action {lp.action!r} is not supported by this version")
+    if lp.action == "frozen":
+        return make_frozen_affine(module)
+    if lp.action == "folded":
+        from .fold import fold_into_producer
+
+        return fold_into_producer(model, lp, module)
+    raise GNSurgeonError(f"layer {lp.path}: unknown action {lp.action!r}")
 
 
 def _module_paths(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
@@ -140,7 +155,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             raise GNSurgeonError(
                 f"layer {lp.path} has {num_channels(module)} channels in the model but {lp.channels} in the plan"
             )
-        new = _build_replacement(lp, module)
+        new = _build_replacement(lp, module, model)
         for path in aliases[id(module)]:
             _set_submodule(model, path, new)
     return model

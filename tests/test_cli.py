@@ -245,3 +245,40 @@ def test_detection_and_segmentation_models(source, extra, tmp_path):
         x = torch.rand(3, 96, 96)
         y = model([x]) if "rcnn" in source else model(x[None])
     assert y is not None
+
+
+def test_freeze_and_fold_report_per_layer_differences(tmp_path):
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    result = run(
+        "convert",
+        "torchvision:resnet18",
+        *SMALL,
+        "--recipe",
+        RECIPES[0].parent / "detection-bnstar-gn.yaml",
+        "-o",
+        out,
+        "--json",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["summary"]["actions"] == {"folded": 5, "gn": 15}
+    check = data["fold_check"]
+    assert set(check["layers"]) == {"bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1", "layer1.1.bn2"}
+    assert all(e["max_rel"] < 1e-5 for e in check["layers"].values())
+    assert "Freeze/fold check" in result.output
+    plan = read_checkpoint(out).plan.by_path()
+    assert plan["layer1.0.bn1"].producer == "layer1.0.conv1"
+    assert plan["layer2.0.bn1"].action == "gn"
+
+
+def test_freeze_without_fold_keeps_bn_star(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = run("convert", "timm:test_resnet", *SMALL, "--freeze", "*", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    model = load(out)
+    from gnsurgeon.layers import FrozenBNAffine
+
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBNAffine)]
+    assert len(frozen) == 15
+    assert all(not list(m.parameters()) for m in frozen)  # BN* has nothing an optimizer could move
