@@ -282,3 +282,20 @@ def test_freeze_without_fold_keeps_bn_star(tmp_path):
     frozen = [m for m in model.modules() if isinstance(m, FrozenBNAffine)]
     assert len(frozen) == 15
     assert all(not list(m.parameters()) for m in frozen)  # BN* has nothing an optimizer could move
+
+
+def test_bad_fold_exits_1_and_names_the_layers(tmp_path, monkeypatch):
+    import gnsurgeon.fold
+
+    real = gnsurgeon.fold.frozen_affine_params
+
+    def off_by_one_percent(bn):
+        a, b = real(bn)
+        return a * 1.01, b
+
+    monkeypatch.setattr(gnsurgeon.fold, "frozen_affine_params", off_by_one_percent)
+    out = tmp_path / "m.safetensors"
+    result = run("convert", "timm:test_resnet", *SMALL, "--freeze", "layer1.*", "--fold", "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "beyond float32 rounding" in result.output and "layer1.0.bn1" in result.output
+    assert not out.exists()
