@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from gnsurgeon.sources import DataConfig
 
 SIZE = 32
-DIGITS_CONFIG = DataConfig(input_size=(3, SIZE, SIZE), mean=(0.25,) * 3, std=(0.35,) * 3, crop_pct=1.0,
-                           interpolation="bilinear")
+DIGITS_CONFIG = DataConfig(
+    input_size=(3, SIZE, SIZE), mean=(0.25,) * 3, std=(0.35,) * 3, crop_pct=1.0, interpolation="bilinear"
+)
 
 
 def write_digits(root: str | Path, size: int = SIZE) -> tuple[Path, Path]:

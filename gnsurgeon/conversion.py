@@ -16,11 +16,10 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import is_checkpoint, load, read_checkpoint, save
-from .errors import GNSurgeonError, VerificationError
+from .errors import GNSurgeonError
 from .fold import compare_freeze_fold, plan_folds
-from .layers import FrozenBNAffine, norm_kind
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
-from .probe import flatten_outputs, make_probe_input, model_device, move_to
+from .probe import make_probe_input, run_probe
 from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
 from .surgery import apply_plan, make_plan
 
