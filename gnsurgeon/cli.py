@@ -184,6 +184,15 @@ def inspect(
             _fail(exc)
 
 
+# --- calibrate (issue 4) ---
+
+
+# --- finetune command (issue 5) ---
+
+
+# --- export-onnx / verify-onnx commands (issue 6) ---
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"gnsurgeon {__version__}")
