@@ -73,7 +73,9 @@ def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
     return 100.0 * correct / len(x)
 
 
-def train_teacher(arch: str, root: str | Path, epochs: int = 30, seed: int = 0) -> tuple[Path, float, float]:
+def train_teacher(
+    arch: str, root: str | Path, epochs: int = 30, seed: int = 0, lr: float = 2e-3
+) -> tuple[Path, float, float]:
     """Train (or reuse the cached) BN teacher; return ``(weights_path, val_top1, seconds)``."""
     import timm
     from safetensors.torch import load_file, save_file
@@ -91,8 +93,8 @@ def train_teacher(arch: str, root: str | Path, epochs: int = 30, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = load_tensors(train_dir)
     steps_per_epoch = (len(x_train) + 63) // 64
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)

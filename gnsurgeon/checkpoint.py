@@ -65,6 +65,9 @@ def write_atomically(path: str | Path, write) -> Path:
     path = Path(path)
     fd, tmp = _atomic_target(path)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
     try:
         write(tmp)
         os.replace(tmp, path)

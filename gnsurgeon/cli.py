@@ -16,7 +16,17 @@ from . import __version__
 from .conversion import ConvertOptions, convert_source, inspect_source
 from .errors import GNSurgeonError, VerificationError
 from .recipes import recipe_section
-from .report import console, err_console, fold_table, plan_table, summary_table, write_json
+from .report import (
+    calibration_summary,
+    calibration_table,
+    console,
+    err_console,
+    fold_table,
+    plan_table,
+    run_table,
+    summary_table,
+    write_json,
+)
 from .sources import parse_floats, parse_input_size, parse_model_kwargs
 
 app = typer.Typer(
@@ -42,6 +52,17 @@ Freeze = Annotated[
     list[str] | None, typer.Option("--freeze", help="Freeze matching layers into BN* (glob; '*' = all).")
 ]
 Fold = Annotated[bool | None, typer.Option("--fold/--no-fold", help="Fold BN* into its conv/linear where exact.")]
+Calibrate = Annotated[
+    Path | None, typer.Option("--calibrate", help="Image folder: fit GN so the model matches its BN original.")
+]
+CalibSamples = Annotated[int | None, typer.Option("--calib-samples", help="Images used to calibrate (256).")]
+CalibMethod = Annotated[
+    str | None, typer.Option("--calib-method", help="block (default: per-layer fit + block reconstruction) or layer.")
+]
+CalibSteps = Annotated[int | None, typer.Option("--calib-steps", help="Reconstruction steps per block (60).")]
+BnFree = Annotated[
+    bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
+]
 Weights = Annotated[Path | None, typer.Option("--weights", help=".safetensors, or .pth/.pt/.bin state dict.")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Use the library's own pretrained weights.")]
 NumClasses = Annotated[int | None, typer.Option("--num-classes", help="Constructor num_classes.")]
@@ -70,6 +91,10 @@ def _build_options(recipe: Path | None, flags: dict) -> ConvertOptions:
     if "channels_per_group" in given and "groups" in values:
         values.pop("groups")
     values.update(given)
+    if values.get("calibrate") is True:  # `calibrate: true` in a recipe: the images come from the command
+        raise GNSurgeonError(f"recipe {recipe} calibrates (calibrate: true): give the images with --calibrate DIR")
+    if values.get("calibrate") is False:
+        values.pop("calibrate")
     return ConvertOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
 
 
@@ -78,6 +103,7 @@ def _convert_flags(values: dict) -> dict:
     names = set(ConvertOptions.__dataclass_fields__)
     flags = {k: v for k, v in values.items() if k in names}
     flags["weights"] = str(values["weights"]) if values.get("weights") else None
+    flags["calibrate"] = str(values["calibrate"]) if values.get("calibrate") else None
     flags["pretrained"] = values.get("pretrained") or None
     flags["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs")) or None
     flags["input_size"] = parse_input_size(values.get("input_size"))
@@ -99,6 +125,11 @@ def convert(
     include_1d: Include1d = None,
     freeze: Freeze = None,
     fold: Fold = None,
+    calibrate: Calibrate = None,
+    calib_samples: CalibSamples = None,
+    calib_method: CalibMethod = None,
+    calib_steps: CalibSteps = None,
+    bn_free: BnFree = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -138,6 +169,11 @@ def convert(
         extra["freeze/fold check"] = f"ok: within rtol {report.fold_check['rtol']:g}" + (
             f" (output max abs {out['max_abs']:.2e}, max rel {out['max_rel']:.2e})" if out else ""
         )
+    if report.calibration:
+        cal = report.calibration
+        if not quiet:
+            console.print(calibration_table(cal))
+        extra["calibration"] = calibration_summary(cal)
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())
     extra["output"] = report.output or "(dry run: nothing written)"
     console.print(summary_table(report.summary, extra))
@@ -188,9 +224,352 @@ def inspect(
 
 
 # --- finetune command (issue 5) ---
+def _finetune_options(recipe: Path | None, flags: dict):
+    """Recipe section ``finetune`` first, then the flags that were given."""
+    from .finetuning import FinetuneOptions
+
+    values = recipe_section(recipe, "finetune", FinetuneOptions.RECIPE_KEYS)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+    if "steps" in given:
+        values.pop("epochs", None)  # a flag's run length replaces the recipe's
+    if "epochs" in given:
+        values.pop("steps", None)
+    values.update(given)
+    return FinetuneOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
+
+
+def _finetune_table(report):
+    """The run at a glance: settings, before/after evaluation, speed, files."""
+    from rich.table import Table
+
+    s = report.settings
+    table = Table(title="Fine-tuning", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    steps = f"{report.steps}" + (f" (resumed from {report.resumed_from})" if report.resumed_from is not None else "")
+    table.add_row("steps", steps)
+    table.add_row(
+        "batch",
+        f"{s['batch_size']} x {s['grad_accum']} accum x {s['world_size']} proc = {s['effective_batch']} images/step",
+    )
+    table.add_row(
+        "optimizer",
+        f"{s['optimizer']} lr {s['lr']:.3g}, wd {s['weight_decay']:g} ({s['params']['decay']} tensors), "
+        f"norm/bias wd {s['norm_weight_decay']:g} ({s['params']['no_decay']} tensors), warmup {s['warmup_steps']}",
+    )
+    loss = "CE" if s["labeled"] else ""
+    if s["teacher"]:
+        loss = (loss + " + " if loss else "") + f"KD (T={s['kd_temperature']:g}, weight {s['kd_weight']:g})"
+    table.add_row("loss", f"{loss}: final {report.final_loss:.4f}" if report.final_loss is not None else loss)
+    table.add_row("device", f"{s['device']}, amp {s['amp'] or 'off'}, channels_last {s['channels_last']}")
+    if report.images_per_s:
+        table.add_row("speed", f"{report.images_per_s:.1f} images/s ({report.train_seconds:.1f} s training)")
+
+    def pct(value) -> str:
+        return f"{value:.2f}%" if value is not None else "-"
+
+    for when, result in (("before", report.before), ("after", report.after)):
+        if result:
+            text = f"top-1 {pct(result.get('top1'))}"
+            if "teacher_agreement" in result:
+                text += f", agreement with teacher {pct(result['teacher_agreement'])}"
+            table.add_row(when, text + f" ({result['images']} val images)")
+    if report.teacher_eval:
+        table.add_row("teacher", f"top-1 {pct(report.teacher_eval.get('top1'))}")
+    if not report.before and not report.after:
+        table.add_row("evaluation", "none (give --val DIR)")
+    broken = report.broken_images
+    if broken["count"]:
+        first = ", ".join(broken["first"])
+        table.add_row("unreadable images", f"[yellow]{broken['count']} skipped[/] (first: {first})")
+    table.add_row("output", report.output)
+    table.add_row("files", f"state {report.state_path}, metrics {report.metrics_path}")
+    return table
+
+
+@app.command("finetune")
+def finetune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A gnsurgeon checkpoint (.safetensors).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Training images: class folders, or flat (KD).")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Validation images, evaluated before and after.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: 1 epoch).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs instead of --steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step per process (8).")] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak lr (default: 0.02 sgd / 4e-4 adamw x batch / 32).")
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd (default) or adamw.")] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum (0.9, Nesterov).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="On weights (1e-4 sgd, 0.01 adamw).")
+    ] = None,
+    norm_weight_decay: Annotated[
+        float | None, typer.Option("--norm-weight-decay", help="On norm γ/β and biases (0).")
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup (5% of steps).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per step (1).")] = None,
+    clip_grad: Annotated[float | None, typer.Option("--clip-grad", help="Clip the gradient norm.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option("--label-smoothing", help="CE smoothing (0).")] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="KD teacher: timm:/torchvision:NAME, a checkpoint, or 'source'."),
+    ] = None,
+    teacher_weights: Annotated[
+        Path | None, typer.Option("--teacher-weights", help="The teacher's weights file.")
+    ] = None,
+    kd_temperature: Annotated[float | None, typer.Option("--kd-temperature", help="KD temperature T (1).")] = None,
+    kd_weight: Annotated[float | None, typer.Option("--kd-weight", help="KD loss weight next to CE (1).")] = None,
+    hflip: Annotated[float | None, typer.Option("--hflip", help="Horizontal flip probability (0.5).")] = None,
+    min_crop_scale: Annotated[
+        float | None, typer.Option("--min-crop-scale", help="Random resized crop scale floor (0.5).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for order, augmentation, init (0).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (default), cpu or cuda.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Data loader worker processes (2).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC (default: on for CUDA).")
+    ] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    eval_batch_size: Annotated[int | None, typer.Option("--eval-batch-size", help="Evaluation batch (64).")] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every", help="Steps per metrics line (10).")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option("--checkpoint-every", help="Write the training state every N steps.")
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None, typer.Option("--checkpoint-minutes", help="...and every M minutes (5); always at the end.")
+    ] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Training state file (OUT.state.pt).")] = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="Metrics JSON lines (OUT.metrics.jsonl).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the training state, if any.")] = False,
+    recipe: Recipe = None,
+    json_out: JsonOut = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune CHECKPOINT on an image folder (optionally distilling from the BN original)."""
+    import os
+
+    from .finetuning import FinetuneOptions, finetune
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        if output is None:
+            raise GNSurgeonError("an output file is required (-o OUT.safetensors)")
+        flags = {k: v for k, v in locals().items() if k in FinetuneOptions.__dataclass_fields__}
+        flags["resume"] = resume or None
+        options = _finetune_options(recipe, flags)
+        report = finetune(checkpoint, output, options, progress=None if quiet else err_console)
+    except GNSurgeonError as exc:
+        _fail(exc)
+    if not main_rank:
+        return
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(_finetune_table(report))
+    if json_out:
+        try:
+            write_json(json_out, report.to_dict())
+        except GNSurgeonError as exc:
+            _fail(exc)
 
 
 # --- export-onnx / verify-onnx commands (issue 6) ---
+DataDir = Annotated[Path | None, typer.Option("--data", help="Image folder: also compare on real images.")]
+MaxImages = Annotated[int, typer.Option("--max-images", help="Images used from --data.")]
+Batch = Annotated[int, typer.Option("--batch", help="The batch > 1 checked (whole model and stress inputs).")]
+Atol = Annotated[float, typer.Option("--atol", help="Absolute error allowed everywhere.")]
+Rtol = Annotated[float, typer.Option("--rtol", help="Per-GN-layer relative error, scaled by kappa*sqrt(group size).")]
+ModelRtol = Annotated[float, typer.Option("--model-rtol", help="Relative error allowed on whole-model outputs.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only failing layers and the summary.")]
+
+
+def _onnx_source_options(values: dict):
+    """The source flags (weights, constructor kwargs, input size) as ConvertOptions."""
+    return ConvertOptions(
+        weights=str(values["weights"]) if values.get("weights") else None,
+        pretrained=bool(values.get("pretrained")),
+        num_classes=values.get("num_classes"),
+        in_chans=values.get("in_chans"),
+        model_kwargs=parse_model_kwargs(values.get("model_kwargs")),
+        input_size=parse_input_size(values.get("input_size")),
+        mean=parse_floats(values.get("mean"), "--mean"),
+        std=parse_floats(values.get("std"), "--std"),
+    )
+
+
+def _onnx_checks(values: dict):
+    from .onnx_verify import VerifyOptions
+
+    return VerifyOptions(
+        atol=values["atol"],
+        rtol=values["rtol"],
+        model_rtol=values["model_rtol"],
+        batch=values["batch"],
+        data=str(values["data"]) if values.get("data") else None,
+        max_images=values["max_images"],
+    )
+
+
+def _render_verification(report, quiet: bool) -> None:
+    from .onnx_verify import layer_table, model_table
+
+    console.print(model_table(report))
+    shown = report.layers if not quiet else [row for row in report.layers if not row["ok"]]
+    if shown:
+        console.print(layer_table(type(report)(**{**report.__dict__, "layers": shown})))
+    for note in report.notes:
+        console.print(f"[dim]note:[/] {note}", highlight=False)
+    if report.ok:
+        console.print(
+            f"[green]verified:[/] {len(report.model_checks)} whole-model input(s) and {len(report.layers)} GN layer(s) "
+            "within limits",
+            highlight=False,
+        )
+
+
+def _verification_failed(report, extra: str = "") -> None:
+    err_console.print(f"[bold red]verification failed:[/] {report.headline()}{extra}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command("export-onnx")
+def export_onnx_command(
+    source: Source,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 18, 21 for native GN).")] = None,
+    gn_op: Annotated[
+        str, typer.Option("--gn-op", help="decomposed (InstanceNormalization, default) or native (GroupNormalization).")
+    ] = "decomposed",
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch axis (default) or batch 1.")
+    ] = True,
+    weights: Weights = None,
+    pretrained: Pretrained = False,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    model_kwargs: ModelKwargs = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    data: DataDir = None,
+    max_images: MaxImages = 8,
+    batch: Batch = 3,
+    atol: Atol = 1e-5,
+    rtol: Rtol = 1e-6,
+    model_rtol: ModelRtol = 1e-4,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the verification (not recommended).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write OUT.onnx even when verification fails.")] = False,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
+) -> None:
+    """Export SOURCE or CHECKPOINT to ONNX (BN folded, GN as asked) and verify it in onnxruntime."""
+    from .onnx_export import ExportOptions, export_onnx, export_table
+
+    try:
+        values = locals()
+        options = ExportOptions(opset, gn_op, dynamic_batch, not no_verify, force, _onnx_checks(values))
+        with console.status(f"exporting {source} ..."):
+            report = export_onnx(source, output, options, _onnx_source_options(values))
+        if json_out:
+            write_json(json_out, report.to_dict())
+    except GNSurgeonError as exc:
+        _fail(exc)
+    if report.verification is not None:
+        _render_verification(report.verification, quiet)
+    console.print(export_table(report))
+    if not report.ok:
+        extra = "" if report.written else f" ({output} was not written; --force writes it anyway)"
+        _verification_failed(report.verification, extra)
+
+
+@app.command("verify-onnx")
+def verify_onnx_command(
+    onnx_file: Annotated[Path, typer.Argument(help="The .onnx file to check.")],
+    source: Source,
+    weights: Weights = None,
+    pretrained: Pretrained = False,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    model_kwargs: ModelKwargs = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    data: DataDir = None,
+    max_images: MaxImages = 8,
+    batch: Batch = 3,
+    atol: Atol = 1e-5,
+    rtol: Rtol = 1e-6,
+    model_rtol: ModelRtol = 1e-4,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
+) -> None:
+    """Check ONNX_FILE against SOURCE or CHECKPOINT: whole model, then every GroupNorm with stress inputs."""
+    from .onnx_verify import verify_onnx
+
+    try:
+        values = locals()
+        with console.status(f"verifying {onnx_file} ..."):
+            report = verify_onnx(onnx_file, source, _onnx_checks(values), _onnx_source_options(values))
+        if json_out:
+            write_json(json_out, report.to_dict())
+    except GNSurgeonError as exc:
+        _fail(exc)
+    _render_verification(report, quiet)
+    console.print(f"onnx.checker: {report.checker}; opset {report.opset}; input {report.input_shape}", highlight=False)
+    if not report.ok:
+        _verification_failed(report)
+
+
+# --- run: the whole workflow from a recipe (issue 7) ---
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML/TOML) with convert/finetune/export sections.")],
+    source: Source,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder for every stage's artifacts.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Training / calibration images.")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Validation images (ImageFolder).")] = None,
+    weights: Weights = None,
+    pretrained: Pretrained = False,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    model_kwargs: ModelKwargs = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe value: SECTION.KEY=VALUE (repeatable).")
+    ] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Run convert (+ calibrate) -> finetune -> export-onnx as RECIPE says; resumes finished stages."""
+    from .pipeline import run_recipe
+
+    try:
+        flags = _convert_flags(locals())
+        source_options = {
+            k: flags[k]
+            for k in ("weights", "pretrained", "num_classes", "in_chans", "model_kwargs", "input_size", "mean", "std")
+        }
+        report = run_recipe(
+            recipe,
+            source,
+            output,
+            data=str(data) if data else None,
+            val=str(val) if val else None,
+            source_options=source_options,
+            overrides=list(set_ or []),
+            stage_callback=lambda name: console.rule(f"[bold]{name}"),
+        )
+    except GNSurgeonError as exc:
+        _fail(exc)
+    table = run_table(report.to_dict())
+    console.print(table)
+    if json_out:
+        try:
+            write_json(json_out, report.to_dict())
+        except GNSurgeonError as exc:
+            _fail(exc)
 
 
 def _version(value: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibration import CalibrationOptions, calibrate
 from .checkpoint import is_checkpoint, load, read_checkpoint, save
 from .errors import GNSurgeonError
 from .fold import compare_freeze_fold, plan_folds
@@ -47,6 +48,12 @@ class ConvertOptions:
     std: tuple[float, ...] | None = None
     probe: bool = True
     seed: int = 0
+    calibrate: str | None = None
+    calib_samples: int = 256
+    calib_method: str = "block"
+    calib_steps: int = 60
+    calib_batch_size: int = 32
+    bn_free: bool = False
 
     RECIPE_KEYS = (
         "groups",
@@ -58,6 +65,12 @@ class ConvertOptions:
         "include_1d",
         "freeze",
         "fold",
+        "calibrate",
+        "calib_samples",
+        "calib_method",
+        "calib_steps",
+        "calib_batch_size",
+        "bn_free",
     )
 
     def policy(self) -> GroupPolicy:
@@ -68,6 +81,16 @@ class ConvertOptions:
 
     def selection(self) -> Selection:
         return Selection(tuple(self.only), tuple(self.skip), self.include_1d, tuple(self.freeze))
+
+    def calibration(self) -> CalibrationOptions:
+        return CalibrationOptions(
+            data=str(self.calibrate),
+            samples=self.calib_samples,
+            batch_size=self.calib_batch_size,
+            method=self.calib_method,
+            block_steps=self.calib_steps,
+            seed=self.seed,
+        )
 
     def constructor_kwargs(self) -> dict:
         kwargs = dict(self.model_kwargs)
@@ -148,6 +171,14 @@ def merge_plans(previous: Plan | None, new: Plan) -> Plan:
     return Plan(layers=layers, options=new.options)
 
 
+def require_bn_free(plan: Plan) -> None:
+    """``--bn-free`` (e.g. for DP-SGD, where opacus rejects any batch statistics): no layer may stay BN."""
+    kept = plan.with_action("keep")
+    if kept:
+        listed = ", ".join(f"{lp.path} ({lp.note})" for lp in kept[:3])
+        raise GNSurgeonError(f"--bn-free: {len(kept)} layer(s) would stay batch norms: {listed}")
+
+
 # ---------------------------------------------------------------------------------------- report
 @dataclass
 class ConvertReport:
@@ -159,6 +190,7 @@ class ConvertReport:
     dry_run: bool = False
     probe: dict | None = None
     fold_check: dict | None = None
+    calibration: dict | None = None
     timings: dict = field(default_factory=dict)
     data_config: DataConfig | None = None
 
@@ -176,6 +208,7 @@ class ConvertReport:
             "summary": self.summary,
             "probe": self.probe,
             "fold_check": self.fold_check,
+            "calibration": self.calibration,
             "timings_s": self.timings,
             "data_config": self.data_config.to_dict() if self.data_config else None,
             "plan": self.plan.to_dict(),
@@ -192,6 +225,8 @@ def convert_source(
     """Convert ``source`` and write one checkpoint to ``output`` (nothing is written on ``dry_run``)."""
     options = options or ConvertOptions()
     policy, selection = options.policy(), options.selection()  # validate options before slow work
+    if options.calibrate:
+        options.calibration().check()
     if not dry_run:
         if output is None:
             raise GNSurgeonError("an output file is required (-o OUT.safetensors), or use --dry-run")
@@ -206,6 +241,8 @@ def convert_source(
     if options.fold:
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     plan = merge_plans(opened.plan, delta)
+    if options.bn_free:
+        require_bn_free(plan)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
         str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
@@ -215,6 +252,11 @@ def convert_source(
     start = time.perf_counter()
     converted = apply_plan(opened.model, Plan(delta.with_action("gn", "frozen", "folded"), delta.options))
     timings["convert"] = round(time.perf_counter() - start, 4)
+    if options.calibrate:
+        start = time.perf_counter()
+        converted, calibration = calibrate(opened.model, converted, delta, opened.data_config, options.calibration())
+        report.calibration = calibration.to_dict()
+        timings["calibrate"] = round(time.perf_counter() - start, 4)
     if options.probe:
         start = time.perf_counter()
         report.probe = run_probe(opened.model, converted, opened.data_config, plan)
@@ -234,6 +276,11 @@ def convert_source(
             "converted": len(delta.with_action("gn")),
             "frozen": len(delta.with_action("frozen")),
             "folded": len(delta.with_action("folded")),
+            "calibration": (
+                {k: report.calibration[k] for k in ("method", "samples", "holdout", "before", "after", "seconds")}
+                if report.calibration
+                else None
+            ),
         }
     ]
     start = time.perf_counter()

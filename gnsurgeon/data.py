@@ -129,10 +129,16 @@ class BrokenImages:
 
     count: int = 0
     first: list[str] = field(default_factory=list)
+    _seen: set = field(default_factory=set, repr=False)
 
     def add(self, paths: list[str]) -> None:
-        self.count += len(paths)
-        self.first.extend(paths[: max(0, 5 - len(self.first))])
+        """Record unreadable images; one met again (next epoch, next pass) is counted once."""
+        for path in paths:
+            if path not in self._seen:
+                self._seen.add(path)
+                self.count += 1
+                if len(self.first) < 5:
+                    self.first.append(path)
 
     def to_dict(self) -> dict:
         return {"count": self.count, "first": self.first}

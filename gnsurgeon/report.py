@@ -77,6 +77,38 @@ def fold_table(check: dict) -> Table:
     return table
 
 
+def calibration_table(cal: dict) -> Table:
+    table = Table(title=f"Calibration ({cal['method']}): relative error of each GN vs its BN", header_style="bold")
+    for name in ("layer", "before", "after"):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for path, e in cal["layers"].items():
+        table.add_row(path, f"{e['before']:.3g}", f"{e['after']:.3g}")
+    return table
+
+
+def calibration_summary(cal: dict) -> str:
+    def fmt(d: dict) -> str:
+        if not d:
+            return "n/a"
+        return f"top-1 agreement {d['top1_agreement']:.1f}%, logits cosine {d['logits_cosine']:.3f}"
+
+    held = f"{cal['holdout']} held-out images" if cal["holdout"] else "the calibration images"
+    text = f"{cal['samples']} images, {cal['seconds']:.1f} s; on {held}: "
+    text += f"before {fmt(cal['before'])} -> after {fmt(cal['after'])}"
+    if cal["broken_images"].get("count"):
+        text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
+    return text
+
+
+def run_table(run: dict) -> Table:
+    table = Table(title=f"gnsurgeon run {run['recipe']} {run['source']} -> {run['outdir']}", header_style="bold")
+    for name in ("stage", "status", "artifact", "report", "seconds"):
+        table.add_column(name, justify="right" if name == "seconds" else "left")
+    for st in run["stages"]:
+        table.add_row(st["stage"], st["status"], st["artifact"], st["report"], f"{st['seconds']:.1f}")
+    return table
+
+
 def _pairs(mapping: dict, prefix: str = "") -> str:
     return ", ".join(f"{prefix}{k}: {v}" for k, v in mapping.items())
 

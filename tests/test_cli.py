@@ -96,7 +96,7 @@ def test_checkpoint_source_converts_what_was_kept(tmp_path):
     assert torch.equal(a.layer1[0].bn1.weight, b.layer1[0].bn1.weight)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if "calibrate:" not in r.read_text()], ids=lambda p: p.stem)
 def test_shipped_recipes_convert(recipe, tmp_path):
     out = tmp_path / "m.safetensors"
     result = run("convert", "timm:test_efficientnet", *SMALL, "--recipe", recipe, "-o", out)
@@ -299,3 +299,20 @@ def test_bad_fold_exits_1_and_names_the_layers(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "beyond float32 rounding" in result.output and "layer1.0.bn1" in result.output
     assert not out.exists()
+
+
+def test_bn_free_refuses_plans_that_keep_batch_norms():
+    model = "torchvision:mobilenet_v3_small"
+    assert_bad_input(
+        run("convert", "timm:test_resnet", "--skip", "bn1", "--bn-free", "--dry-run"),
+        "--bn-free: 1 layer(s) would stay batch norms: bn1 (matched by --skip)",
+    )
+    assert run("convert", model, "--bn-free", "--dry-run").exit_code == 0
+
+
+def test_recipe_that_calibrates_needs_images():
+    recipe = RECIPES[0].parent / "dp-sgd.yaml"
+    assert_bad_input(
+        run("convert", "timm:test_resnet", "--recipe", recipe, "--dry-run"),
+        "calibrates (calibrate: true): give the images with --calibrate DIR",
+    )

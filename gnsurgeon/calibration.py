@@ -1,0 +1,373 @@
+"""Calibration: fit the new GN layers so the converted model reproduces its BN original on data.
+
+Copying γ/β keeps BN's weights but not its function: BN in inference applies fixed dataset
+statistics, GN each sample's own group statistics. Calibration refits, without labels, on a few
+hundred images:
+
+1. **Layer fit** (closed form). Layers are visited in execution order; each is fitted on the inputs
+   that the already-calibrated layers before it produce, so errors do not compound. For a GN layer
+   with normalised input ``z`` (GN without affine) and the BN original's pre-activation output
+   ``y = a·x_bn + b`` on the same image, the per-channel least-squares ``γ, β`` minimising
+   ``Σ (γ·z + β − y)²`` come from five running sums per channel, streamed over batches.
+2. **Block reconstruction** (a short optimisation). GN's per-sample statistics cannot be undone by
+   a per-channel affine, but the layers of a block together can compensate: for each block (the
+   smallest module holding a few GN layers, e.g. a ResNet bottleneck), in order, the block's
+   parameters are tuned for a few dozen steps so its output matches the original block's output,
+   fed by the calibrated blocks before it.
+
+Memory is one batch of one layer's (block's) activations; passes stop right after the layer being
+fitted. Everything is seeded: the same seed gives the same parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform
+from .errors import GNSurgeonError
+from .layers import frozen_affine_params
+from .plan import Plan
+from .sources import DataConfig
+
+
+@dataclass
+class CalibrationOptions:
+    """How to calibrate: the image folder, how many images, the method and its budget."""
+
+    data: str = ""
+    samples: int = 256
+    holdout: float = 0.2
+    batch_size: int = 32
+    method: str = "block"  # "layer" (closed form only) or "block" (closed form, then per-block)
+    block_steps: int = 60
+    block_inner_steps: int = 1  # optimiser steps per computed batch (more is cheaper but fits worse)
+    block_lr: float = 1e-3
+    max_block_layers: int = 4
+    seed: int = 0
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.method not in ("layer", "block"):
+            raise GNSurgeonError(f"calibration method {self.method!r} is not 'layer' or 'block'")
+        if self.samples < 2:
+            raise GNSurgeonError("--calib-samples must be at least 2")
+        if not 0 <= self.holdout < 1:
+            raise GNSurgeonError("the calibration hold-out fraction must be in [0, 1)")
+
+
+@dataclass
+class CalibrationReport:
+    """Per-layer relative errors before/after, and agreement with the original on held-out images."""
+
+    method: str
+    samples: int
+    holdout: int
+    layers: dict = field(default_factory=dict)  # path -> {"before": rel_err, "after": rel_err}
+    before: dict = field(default_factory=dict)  # {"top1_agreement": %, "logits_cosine": x}
+    after: dict = field(default_factory=dict)
+    blocks: list = field(default_factory=list)
+    seconds: float = 0.0
+    broken_images: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "samples": self.samples,
+            "holdout": self.holdout,
+            "seconds": round(self.seconds, 3),
+            "before": self.before,
+            "after": self.after,
+            "layers": self.layers,
+            "blocks": self.blocks,
+            "broken_images": self.broken_images,
+        }
+
+
+class _Stop(Exception):
+    """Raised by a hook once the activation we need is captured: the rest of the forward is skipped."""
+
+
+def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
+    for images, _labels, bad in loader:
+        broken.add(bad)
+        if images is not None:
+            yield images.to(device)
+
+
+def _capture_inputs(model: nn.Module, paths: list[str], x: torch.Tensor, stop_after: str | None = None) -> dict:
+    """Inputs (first positional arg, cloned) of the modules at ``paths`` for one forward of ``x``."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for path in paths:
+
+        def hook(_m, args, path=path):
+            captured[path] = args[0].detach().clone()
+            if path == stop_after:
+                raise _Stop
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _gn_pre_activation(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
+
+
+def _bn_pre_activation(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    a, b = (t.to(x.dtype) for t in frozen_affine_params(bn))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * a.view(shape) + b.view(shape)
+
+
+def _channels_last_flat(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (C, N·...) for per-channel sums."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1).double()
+
+
+def _fit_layer(student, teacher, path: str, loader_fn, device) -> None:
+    """Closed-form per-channel least squares for GN layer ``path`` (γ, β set in place)."""
+    gn = student.get_submodule(path)
+    bn = teacher.get_submodule(path)
+    c = gn.num_channels
+    sums = {k: torch.zeros(c, dtype=torch.float64, device=device) for k in ("z", "y", "zz", "zy", "n")}
+    for x in loader_fn():
+        xs = _capture_inputs(student, [path], x, stop_after=path)[path]
+        xt = _capture_inputs(teacher, [path], x, stop_after=path)[path]
+        z = _channels_last_flat(F.group_norm(xs, gn.num_groups, None, None, gn.eps))
+        y = _channels_last_flat(_bn_pre_activation(bn, xt))
+        sums["z"] += z.sum(1)
+        sums["y"] += y.sum(1)
+        sums["zz"] += (z * z).sum(1)
+        sums["zy"] += (z * y).sum(1)
+        sums["n"] += z.shape[1]
+    n = sums["n"]
+    mean_z, mean_y = sums["z"] / n, sums["y"] / n
+    var_z = sums["zz"] / n - mean_z**2
+    cov = sums["zy"] / n - mean_z * mean_y
+    flat = var_z <= 1e-8  # a constant normalised input carries no scale information
+    gamma = torch.where(flat, gn.weight.detach().double(), cov / var_z.clamp_min(1e-8))
+    beta = mean_y - gamma * mean_z
+    with torch.no_grad():
+        gn.weight.copy_(gamma.to(gn.weight.dtype))
+        gn.bias.copy_(beta.to(gn.bias.dtype))
+
+
+def calibration_blocks(model: nn.Module, gn_paths: list[str], max_layers: int) -> list[tuple[str, list[str]]]:
+    """Group GN layers into blocks: for each layer, the shallowest ancestor holding at most
+    ``max_layers`` GN layers (a ResNet block, an inverted residual); a layer alone otherwise."""
+    counts: dict[str, int] = {}
+    for p in gn_paths:
+        parts = p.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            counts[prefix] = counts.get(prefix, 0) + 1
+    blocks: dict[str, list[str]] = {}
+    for p in gn_paths:
+        parts = p.split(".")
+        owner = p
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if counts[prefix] <= max_layers:
+                owner = prefix
+                break
+        blocks.setdefault(owner, []).append(p)
+    return list(blocks.items())
+
+
+def _block_output(model: nn.Module, block: str, x: torch.Tensor, with_input: bool) -> tuple:
+    """(block input args, block output) for one forward of ``x``, stopping after the block."""
+    store: dict = {}
+    module = model.get_submodule(block)
+
+    def pre(_m, args, kwargs):
+        if with_input:
+            store["args"] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+            store["kwargs"] = kwargs
+
+    def post(_m, _args, _kwargs, output):
+        store["out"] = output.detach().clone() if isinstance(output, torch.Tensor) else output
+        raise _Stop
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = module.register_forward_hook(post, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return store.get("args"), store.get("kwargs", {}), store.get("out")
+
+
+def _reconstruct_block(
+    student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str]
+) -> dict:
+    """Tune the block's own parameters so its output matches the original block's output."""
+    module = student.get_submodule(block)
+    # Everything trainable in the block (GN γ/β and the convs around them: tuning only γ/β got
+    # 97.3% instead of 98.7% top-1 on the digits resnet18), except convs that carry a folded BN*.
+    frozen = {id(p) for path in protected for p in student.get_submodule(path).parameters()}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in frozen]
+    if not params:
+        return {"block": block, "steps": 0}
+    opt = torch.optim.Adam(params, lr=options.block_lr)
+    was_training = module.training
+    module.eval()
+    losses, step = [], 0
+    while step < options.block_steps:
+        progressed = False
+        for x in loader_fn():
+            args, kwargs, _ = _block_output(student, block, x, with_input=True)
+            _, _, target = _block_output(teacher, block, x, with_input=False)
+            if args is None or not isinstance(target, torch.Tensor):
+                return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
+            scale = target.var().clamp_min(1e-12)
+            for _ in range(min(options.block_inner_steps, options.block_steps - step)):
+                loss = F.mse_loss(module(*args, **kwargs), target) / scale
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                step += 1
+            progressed = True
+            if step >= options.block_steps:
+                break
+        if not progressed:
+            break
+    module.train(was_training)
+    return {"block": block, "steps": step, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+@torch.no_grad()
+def _agreement(student, teacher, loader_fn) -> dict:
+    agree = total = 0
+    cos_sum = 0.0
+    for x in loader_fn():
+        ys, yt = student(x), teacher(x)
+        if not (isinstance(ys, torch.Tensor) and ys.dim() == 2):
+            return {}
+        agree += (ys.argmax(1) == yt.argmax(1)).sum().item()
+        cos_sum += F.cosine_similarity(ys.double(), yt.double(), dim=1).sum().item()
+        total += len(x)
+    if not total:
+        return {}
+    return {"top1_agreement": 100.0 * agree / total, "logits_cosine": cos_sum / total}
+
+
+@torch.no_grad()
+def _layer_errors(student, teacher, paths: list[str], loader_fn) -> dict[str, float]:
+    """Relative error ||GN(x_s) − BN(x_t)||² / ||BN(x_t)||² per layer (pre-activation), summed over data."""
+    num = dict.fromkeys(paths, 0.0)
+    den = dict.fromkeys(paths, 0.0)
+    for x in loader_fn():
+        xs = _capture_inputs(student, paths, x)
+        xt = _capture_inputs(teacher, paths, x)
+        for p in paths:
+            if p in xs and p in xt:
+                out = _gn_pre_activation(student.get_submodule(p), xs[p]).double()
+                ref = _bn_pre_activation(teacher.get_submodule(p), xt[p]).double()
+                num[p] += (out - ref).pow(2).sum().item()
+                den[p] += ref.pow(2).sum().item()
+    return {p: (num[p] / den[p] if den[p] > 0 else math.nan) for p in paths}
+
+
+def calibrate(
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: Plan,
+    data_config: DataConfig,
+    options: CalibrationOptions,
+) -> tuple[nn.Module, CalibrationReport]:
+    """Return a calibrated copy of ``student`` (the GN conversion of ``teacher``) and the report.
+
+    Only layers whose plan action is ``gn`` are fitted; BN* layers, and the convs a BN* was folded
+    into, are left as they are. Neither input model is modified.
+    """
+    options.check()
+    start = time.perf_counter()
+    device = torch.device(options.device)
+    torch.manual_seed(options.seed)
+    student = copy.deepcopy(student).to(device).eval()
+    teacher = copy.deepcopy(teacher).to(device).eval()
+    gn_paths = [lp.path for lp in plan.with_action("gn")]
+    protected = {lp.producer for lp in plan.with_action("folded") if lp.producer}
+    if not gn_paths:
+        raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
+
+    dataset = ImageFolderData(options.data, eval_transform(data_config), limit=options.samples, seed=options.seed)
+    n_hold = int(round(len(dataset) * options.holdout)) if len(dataset) > 4 else 0
+    shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
+    hold_set = Subset(dataset, sorted(shuffled[:n_hold]))
+    broken = BrokenImages()
+
+    def loader(subset):
+        def iterate():
+            gen = torch.Generator().manual_seed(options.seed)
+            dl = DataLoader(
+                subset, batch_size=options.batch_size, shuffle=False, generator=gen, collate_fn=collate_skip_broken
+            )
+            return _batches(dl, broken, device)
+
+        return iterate
+
+    fit_data, eval_data = loader(fit_set), loader(hold_set if n_hold else fit_set)
+    order = _execution_order(student, gn_paths, next(iter(fit_data()), None))
+    report = CalibrationReport(options.method, len(fit_set), n_hold)
+    report.before = _agreement(student, teacher, eval_data)
+    before = _layer_errors(student, teacher, order, eval_data)
+
+    if options.method == "layer":
+        for path in order:
+            _fit_layer(student, teacher, path, fit_data, device)
+    else:
+        for block, paths in calibration_blocks(student, order, options.max_block_layers):
+            for path in paths:
+                _fit_layer(student, teacher, path, fit_data, device)
+            if block not in paths:
+                report.blocks.append(_reconstruct_block(student, teacher, block, fit_data, options, protected))
+
+    after = _layer_errors(student, teacher, order, eval_data)
+    report.layers = {p: {"before": before[p], "after": after[p]} for p in order}
+    report.after = _agreement(student, teacher, eval_data)
+    report.broken_images = broken.to_dict()
+    report.seconds = time.perf_counter() - start
+    for p in student.parameters():
+        p.grad = None
+    return student.cpu(), report
+
+
+def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> list[str]:
+    """GN layers sorted by when they run (module registration order can differ from call order)."""
+    if x is None:
+        raise GNSurgeonError("no readable image in the calibration folder")
+    seen: list[str] = []
+    handles = [
+        model.get_submodule(p).register_forward_pre_hook(lambda _m, _a, p=p: seen.append(p) if p not in seen else None)
+        for p in paths
+    ]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [p for p in paths if p not in seen]

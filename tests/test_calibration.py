@@ -1,0 +1,139 @@
+"""Calibration: GN fitted to reproduce the BN original on images, sequentially and deterministically."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from gnsurgeon import Selection, apply_plan, load, make_plan
+from gnsurgeon.calibration import CalibrationOptions, calibrate, calibration_blocks
+from gnsurgeon.cli import app
+from gnsurgeon.fold import plan_folds
+from gnsurgeon.sources import DataConfig
+
+from .helpers import bn_layers
+
+CONFIG = DataConfig(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
+
+
+def _far_from_identity(model):
+    """BN statistics far from (0, 1): a plain γ/β copy to GN is then far from the BN function."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in bn_layers(model).values():
+            c = m.num_features
+            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return _far_from_identity(timm.create_model("test_resnet", num_classes=10))
+
+
+def _options(images, **kw):
+    return CalibrationOptions(data=str(images), samples=40, batch_size=8, block_steps=6, **kw)
+
+
+@pytest.mark.parametrize("method", ["layer", "block"])
+def test_calibration_moves_gn_towards_bn(teacher, images, method):
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan)
+    before = copy.deepcopy(teacher.state_dict())
+    calibrated, report = calibrate(teacher, student, plan, CONFIG, _options(images, method=method))
+    errors = report.layers
+    assert set(errors) == {lp.path for lp in plan}
+    mean_before = sum(e["before"] for e in errors.values()) / len(errors)
+    mean_after = sum(e["after"] for e in errors.values()) / len(errors)
+    assert mean_after < 0.5 * mean_before, (mean_before, mean_after)
+    assert report.after["logits_cosine"] > report.before["logits_cosine"]
+    assert report.broken_images["count"] == 1 and report.broken_images["first"][0].endswith("broken.png")
+    # Neither input model changed.
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(calibrated.layer1[0].bn1.weight, student.layer1[0].bn1.weight)
+
+
+def test_same_seed_same_parameters(teacher, images):
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan)
+    a, _ = calibrate(teacher, student, plan, CONFIG, _options(images))
+    b, _ = calibrate(teacher, student, plan, CONFIG, _options(images))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_only_gn_layers_are_calibrated_in_a_freeze_fold_plan(teacher, images):
+    x = torch.randn(1, 3, 32, 32)
+    plan = plan_folds(teacher, make_plan(teacher, selection=Selection(freeze=("conv1.*", "bn1"))), x)
+    student = apply_plan(teacher, plan)
+    calibrated, report = calibrate(teacher, student, plan, CONFIG, _options(images))
+    assert set(report.layers) == {lp.path for lp in plan.with_action("gn")}
+    folded_into = [lp.producer for lp in plan.with_action("folded")]
+    assert folded_into
+    for path in folded_into:
+        assert torch.equal(calibrated.get_submodule(path).weight, student.get_submodule(path).weight)
+
+
+def test_blocks_group_a_few_layers_under_their_smallest_ancestor(teacher):
+    paths = [lp.path for lp in make_plan(teacher)]
+    blocks = dict(calibration_blocks(teacher, paths, max_layers=3))
+    assert blocks["layer2"] == ["layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.2"]  # one block per stage here
+    assert blocks["conv1"] == ["conv1.1", "conv1.4"]  # the deep stem is a Sequential holding two
+    assert blocks["layer3.0.bn1"] == ["layer3.0.bn1"]  # a bottleneck with 4 GN is over the limit of 3
+    assert blocks["bn1"] == ["bn1"]
+
+
+def test_cli_convert_with_calibration(images, tmp_path):
+    from typer.testing import CliRunner
+
+    out, report = tmp_path / "m.safetensors", tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "timm:test_resnet",
+            "--num-classes",
+            "10",
+            "--input-size",
+            "3,32,32",
+            "--calibrate",
+            str(images),
+            "--calib-samples",
+            "24",
+            "--calib-steps",
+            "3",
+            "-o",
+            str(out),
+            "--json",
+            str(report),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cal = json.loads(report.read_text())["calibration"]
+    assert cal["samples"] + cal["holdout"] == 24 and cal["method"] == "block"
+    assert "Calibration (block)" in result.output
+    assert load(out) is not None
+    result = CliRunner().invoke(
+        app,
+        ["convert", "timm:test_resnet", "--calibrate", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")],
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output

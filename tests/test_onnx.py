@@ -1,0 +1,332 @@
+"""ONNX export and verification: both GN forms, dynamic batch, BN folding, corrupted graphs, bad input.
+
+Exports are the slow part (~5 s each with the dynamo exporter), so each model is exported once per
+module and the tests share the files.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+from typer.testing import CliRunner
+
+from gnsurgeon import load
+from gnsurgeon.cli import app
+from gnsurgeon.onnx_export import export_model, fold_for_export
+from gnsurgeon.onnx_verify import SCOPES_KEY, VerifyOptions, stress_inputs, verify_model
+from gnsurgeon.sources import DataConfig
+
+from .helpers import randomize_bn
+
+SMALL = ["--input-size", "3,64,64"]
+NATIVE_NAN_CASE = "mean 100, std 0.01, batch 1"
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def text_of(result) -> str:
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    return " ".join(text.split())
+
+
+def assert_bad_input(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = text_of(result)
+    assert "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def ops(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def export(tmp: Path, checkpoint: Path, name: str, *extra: str):
+    out, report = tmp / f"{name}.onnx", tmp / f"{name}.json"
+    result = run("export-onnx", checkpoint, "-o", out, "--json", report, "-q", *extra)
+    return result, out, json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """timm test_resnet converted to GN, exported in both modes (native without --force)."""
+    tmp = tmp_path_factory.mktemp("resnet")
+    checkpoint = tmp / "gn.safetensors"
+    assert run("convert", "timm:test_resnet", *SMALL, "-o", checkpoint, "-q").exit_code == 0
+    native = export(tmp, checkpoint, "native", "--gn-op", "native")
+    return tmp, checkpoint, export(tmp, checkpoint, "decomposed"), native
+
+
+@pytest.fixture(scope="module")
+def effnet(tmp_path_factory):
+    """timm test_efficientnet: BatchNormAct2d becomes GroupNormAct (GN + SiLU in one module)."""
+    tmp = tmp_path_factory.mktemp("effnet")
+    checkpoint = tmp / "gn.safetensors"
+    assert run("convert", "timm:test_efficientnet", *SMALL, "-o", checkpoint, "-q").exit_code == 0
+    native = export(tmp, checkpoint, "native", "--gn-op", "native", "--force")
+    return tmp, checkpoint, export(tmp, checkpoint, "decomposed"), native
+
+
+def _layers_ok(data: dict) -> dict[str, bool]:
+    return {row["path"]: row["ok"] for row in data["verification"]["layers"]}
+
+
+# ------------------------------------------------------------------------------- both GN forms
+def test_resnet_decomposed_exports_and_verifies(resnet):
+    _, _, (result, out, data), _ = resnet
+    assert result.exit_code == 0, result.output
+    assert data["written"] and out.exists() and data["opset"] == 18
+    counts = ops(out)
+    assert counts["InstanceNormalization"] == 15 and "GroupNormalization" not in counts
+    assert "BatchNormalization" not in counts
+    layers = data["verification"]["layers"]
+    assert len(layers) == 15 and all(row["ok"] for row in layers)
+    assert {row["form"] for row in layers} == {"decomposed"} and {row["mapped_by"] for row in layers} == {"metadata"}
+    assert {row["graph_groups"] == row["groups"] for row in layers} == {True}
+    # Every layer saw its real activation and every stress input, at batch 1 and batch 3.
+    cases = set(layers[0]["cases"])
+    assert {"activation, batch 3", "activation, batch 1", NATIVE_NAN_CASE} <= cases
+    assert any("mean 1000" in c for c in cases) and any("near-constant" in c for c in cases)
+    stress = layers[0]["cases"][NATIVE_NAN_CASE]
+    assert stress["max_abs"] < 0.05 and stress["kappa"] > 1e3  # float32-limited, finite
+    for row in data["verification"]["model"]:
+        assert row["ok"] and row["max_rel"] < 1e-5 and row["top1_agreement"] == 1.0
+
+
+def test_resnet_native_fails_the_stress_check_not_the_whole_model(resnet):
+    _, _, _, (result, out, data) = resnet
+    assert result.exit_code == 1, result.output
+    assert not out.exists() and not data["written"]  # nothing written without --force
+    text = text_of(result)
+    assert "verification failed" in text and "conv1.1" in text and "non-finite" in text and "--force" in text
+    assert data["opset"] == 21 and data["op_counts"]["GroupNormalization"] == 15
+    # The whole-graph comparison on random inputs passes: only the per-layer stress inputs see it.
+    assert all(row["ok"] for row in data["verification"]["model"])
+    for row in data["verification"]["layers"]:
+        assert row["form"] == "native" and not row["ok"]
+        assert row["cases"]["activation, batch 3"]["ok"]
+        nan_case = row["cases"][NATIVE_NAN_CASE]
+        assert nan_case["max_abs"] is None and nan_case["nonfinite"] > 0 or row.get("note")
+
+
+def test_groupnormact_model_in_both_modes(effnet):
+    tmp, checkpoint, (result, out, data), (nresult, nout, ndata) = effnet
+    assert result.exit_code == 0, result.output
+    layers = data["verification"]["layers"]
+    assert len(layers) == 13 and all(row["ok"] for row in layers)
+    # GroupNormAct's SiLU is inside the module: its nodes belong to the layer's subgraph.
+    assert "Sigmoid" in ops(out)
+    assert nresult.exit_code == 1 and nout.exists() and ndata["written"]  # --force wrote it
+    assert not any(_layers_ok(ndata).values())
+    # verify-onnx re-checks the files the same way, with the same exit codes.
+    again = run("verify-onnx", out, checkpoint, "--json", tmp / "v.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp / "v.json").read_text())["ok"]
+    bad = run("verify-onnx", nout, checkpoint, "-q")
+    assert bad.exit_code == 1 and "blocks.0.0.bn1" in text_of(bad)
+
+
+def test_dynamic_batch_runs_at_batch_1_and_3(resnet):
+    tmp, checkpoint, (_, out, _), _ = resnet
+    model = load(checkpoint)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------- BN folding
+def test_bn_star_model_exports_folded_with_no_batchnorm_nodes(tmp_path):
+    checkpoint = tmp_path / "bnstar.safetensors"
+    assert run("convert", "timm:test_resnet", *SMALL, "--freeze", "*", "-o", checkpoint, "-q").exit_code == 0
+    result, out, data = export(tmp_path, checkpoint, "bnstar")
+    assert result.exit_code == 0, result.output
+    counts = ops(out)
+    assert "BatchNormalization" not in counts
+    assert "Mul" not in counts and "Add" in counts  # no BN* affine left: every one is inside a conv
+    assert len(data["folds"]) == 15 and {f["action"] for f in data["folds"]} == {"folded"}
+    assert data["verification"]["model"][0]["max_rel"] < 1e-5  # folded ONNX vs the BN* model
+
+
+def test_fold_for_export_folds_plain_batchnorm_exactly():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, rows = fold_for_export(model, x)
+    assert rows == [{"path": "1", "action": "folded", "producer": "0", "note": ""}]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert isinstance(model[1], nn.BatchNorm2d)  # the input model is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ corrupted ONNX graphs
+def _layer_nodes(model, path: str) -> list:
+    found = []
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == SCOPES_KEY and path in ast.literal_eval(prop.value):
+                found.append(node)
+    return found
+
+
+def test_wrong_epsilon_in_the_graph_fails_and_names_the_layer(resnet, tmp_path):
+    _, checkpoint, (_, out, _), _ = resnet
+    model = onnx.load(str(out))
+    (norm,) = [n for n in _layer_nodes(model, "bn1") if n.op_type == "InstanceNormalization"]
+    for attr in norm.attribute:
+        if attr.name == "epsilon":
+            attr.f = 1e-2
+    bad = tmp_path / "eps.onnx"
+    onnx.save(model, str(bad))
+    result = run("verify-onnx", bad, checkpoint, "--json", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    assert "1 GN layer(s) out of limits (bn1)" in text_of(result)
+    row = {r["path"]: r for r in json.loads((tmp_path / "r.json").read_text())["layers"]}["bn1"]
+    assert "graph uses eps=0.01, the module eps=1e-05" in row["problems"]
+    assert not row["cases"]["activation, batch 3"]["ok"]  # and the numbers show it
+
+
+def test_wrong_group_count_in_the_graph_fails_and_names_the_layer(resnet, tmp_path):
+    _, checkpoint, (_, out, _), _ = resnet
+    model = onnx.load(str(out))
+    nodes = _layer_nodes(model, "layer1.0.bn1")
+    norm = next(n for n in nodes if n.op_type == "InstanceNormalization")
+    reshape = next(n for n in nodes if n.op_type == "Reshape" and n.output[0] == norm.input[0])
+    wrong = 8  # the module has 16 groups; a consistent graph with 8 (scale/bias resized too)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, wrong, -1], np.int64), "bad_shape"),
+            numpy_helper.from_array(np.ones(wrong, np.float32), "bad_scale"),
+            numpy_helper.from_array(np.zeros(wrong, np.float32), "bad_bias"),
+        ]
+    )
+    reshape.input[1] = "bad_shape"
+    norm.input[1], norm.input[2] = "bad_scale", "bad_bias"
+    bad = tmp_path / "groups.onnx"
+    onnx.save(model, str(bad))
+    result = run("verify-onnx", bad, checkpoint, "--json", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    assert "(layer1.0.bn1)" in text_of(result)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [r["path"] for r in data["layers"] if not r["ok"]] == ["layer1.0.bn1"]
+    row = next(r for r in data["layers"] if r["path"] == "layer1.0.bn1")
+    assert "graph uses G=8, the module G=16" in row["problems"]
+    assert row["cases"]["activation, batch 3"]["max_abs"] > 1e-2
+
+
+def test_graph_without_metadata_is_matched_by_pattern(resnet, tmp_path):
+    _, checkpoint, (_, out, _), _ = resnet
+    model = onnx.load(str(out))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(model, str(stripped))
+    result = run("verify-onnx", stripped, checkpoint, "--json", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["layers"]) == 15 and {r["mapped_by"] for r in data["layers"]} == {"pattern"}
+
+
+def test_real_images_are_compared(resnet, tmp_path):
+    from PIL import Image
+
+    _, checkpoint, (_, out, _), _ = resnet
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    result = run("verify-onnx", out, checkpoint, "--data", images, "--json", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "r.json").read_text())["model"]
+    assert rows[-1]["input"].startswith("images from") and rows[-1]["batch"] == 3
+    assert rows[-1]["top1_agreement"] == 1.0
+
+
+# ------------------------------------------------------------------ hand-built model, library API
+class TinyGN(nn.Module):
+    """GN on 4-D, GN without affine, and GN on (N, C) features: the three decomposition branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.gn_plain = nn.GroupNorm(2, 8, affine=False)
+        self.gn_flat = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn(self.conv(x)))
+        x = self.gn_plain(self.conv2(x)).mean((2, 3))
+        return self.head(self.gn_flat(x))
+
+
+def test_hand_built_model_library_api():
+    torch.manual_seed(0)
+    model = TinyGN().eval()
+    with torch.no_grad():
+        model.gn.weight.uniform_(0.5, 1.5)
+        model.gn_flat.bias.normal_()
+    proto = export_model(model, torch.randn(1, 3, 12, 12))
+    report = verify_model(proto, model, DataConfig(input_size=(3, 12, 12)), VerifyOptions(batch=2))
+    assert report.ok, report.headline()
+    assert [r["path"] for r in report.layers] == ["gn", "gn_plain", "gn_flat"]
+    assert report.to_dict()["tolerance"]["rtol"] == 1e-6
+
+
+def test_stress_inputs_are_what_they_claim():
+    cases = stress_inputs((8, 4, 4), groups=4, batch=3, seed=0)
+    x = cases[NATIVE_NAN_CASE]
+    assert x.shape == (1, 8, 4, 4) and abs(x.mean() - 100) < 0.01 and abs(x.std() - 0.01) < 0.005
+    offsets = cases["mean 100..300, std 0.01, batch 3"].mean((1, 2, 3))
+    torch.testing.assert_close(offsets, torch.tensor([100.0, 200.0, 300.0]), atol=0.01, rtol=0)
+    assert abs(cases["mean 1000, std 1, batch 3"].mean() - 1000) < 0.2
+    groups = cases["near-constant groups, batch 3"].reshape(3, 4, -1)
+    assert (groups[:, 0::2].std(-1) == 0).all() and (groups[:, 1::2].std(-1) < 2e-3).all()
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def test_bad_options_exit_2_with_one_sentence(resnet, tmp_path):
+    _, checkpoint, (_, out, _), _ = resnet
+    assert_bad_input(
+        run("export-onnx", checkpoint, "-o", tmp_path / "m.onnx", "--gn-op", "native", "--opset", "18"),
+        "--gn-op native needs --opset 21",
+    )
+    assert_bad_input(run("export-onnx", checkpoint, "-o", tmp_path / "m.onnx", "--gn-op", "fused"), "--gn-op 'fused'")
+    assert_bad_input(run("export-onnx", checkpoint, "-o", tmp_path / "m.pb"), "must end in .onnx")
+    assert_bad_input(run("export-onnx", checkpoint, "-o", tmp_path / "no" / "m.onnx"), "does not exist")
+    assert_bad_input(run("export-onnx", checkpoint, "-o", tmp_path / "m.onnx", "--batch", "1"), "--batch must be")
+    assert_bad_input(run("verify-onnx", tmp_path / "missing.onnx", checkpoint), "ONNX file", "does not exist")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not a protobuf" * 20)
+    assert_bad_input(run("verify-onnx", garbage, checkpoint), f"cannot read ONNX file {garbage}")
+    assert_bad_input(run("verify-onnx", out, "timm:no_such_net"), "unknown timm model")
+
+
+def test_model_with_two_inputs_is_refused(resnet, tmp_path):
+    _, checkpoint, (_, out, _), _ = resnet
+    model = onnx.load(str(out))
+    model.graph.input.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    two = tmp_path / "two.onnx"
+    onnx.save(model, str(two))
+    assert_bad_input(run("verify-onnx", two, checkpoint), "the ONNX model has 2 inputs")
