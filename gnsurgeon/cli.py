@@ -71,6 +71,7 @@ ModelKwargs = Annotated[str | None, typer.Option("--model-kwargs", help="Constru
 InputSize = Annotated[str | None, typer.Option("--input-size", help="C,H,W (or C,T,H,W) for probes.")]
 Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean, comma separated.")]
 Std = Annotated[str | None, typer.Option("--std", help="Normalisation std, comma separated.")]
+CropPct = Annotated[float | None, typer.Option("--crop-pct", help="Eval center-crop fraction (data config).")]
 Recipe = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe; flags override it.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
@@ -138,6 +139,7 @@ def convert(
     input_size: InputSize = None,
     mean: Mean = None,
     std: Std = None,
+    crop_pct: CropPct = None,
     recipe: Recipe = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     no_probe: Annotated[bool, typer.Option("--no-probe", help="Skip the probe-input check.")] = False,
@@ -537,20 +539,18 @@ def run_command(
     input_size: InputSize = None,
     mean: Mean = None,
     std: Std = None,
+    crop_pct: CropPct = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe value: SECTION.KEY=VALUE (repeatable).")
     ] = None,
     json_out: JsonOut = None,
 ) -> None:
     """Run convert (+ calibrate) -> finetune -> export-onnx as RECIPE says; resumes finished stages."""
-    from .pipeline import run_recipe
+    from .pipeline import SOURCE_KEYS, run_recipe
 
     try:
         flags = _convert_flags(locals())
-        source_options = {
-            k: flags[k]
-            for k in ("weights", "pretrained", "num_classes", "in_chans", "model_kwargs", "input_size", "mean", "std")
-        }
+        source_options = {k: flags[k] for k in SOURCE_KEYS}
         report = run_recipe(
             recipe,
             source,

@@ -46,6 +46,7 @@ class ConvertOptions:
     input_size: tuple[int, ...] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
     probe: bool = True
     seed: int = 0
     calibrate: str | None = None
@@ -155,6 +156,10 @@ def open_source(source: str, options: ConvertOptions | None = None) -> OpenedSou
         opened.data_config.mean = tuple(options.mean)
     if options.std is not None:
         opened.data_config.std = tuple(options.std)
+    if options.crop_pct is not None:
+        if not 0 < options.crop_pct <= 1:
+            raise GNSurgeonError(f"--crop-pct {options.crop_pct} must be in (0, 1]")
+        opened.data_config.crop_pct = float(options.crop_pct)
     opened.build_seconds = time.perf_counter() - start
     return opened
 

@@ -25,7 +25,17 @@ from .recipes import read_recipe
 EXPORT_KEYS = ("opset", "gn_op", "dynamic_batch", "verify")
 VERIFY_KEYS = ("atol", "rtol", "model_rtol", "batch", "max_images", "stress")
 _EXCLUSIVE = {"steps": "epochs", "epochs": "steps", "groups": "channels_per_group", "channels_per_group": "groups"}
-SOURCE_KEYS = ("weights", "pretrained", "num_classes", "in_chans", "model_kwargs", "input_size", "mean", "std")
+SOURCE_KEYS = (
+    "weights",
+    "pretrained",
+    "num_classes",
+    "in_chans",
+    "model_kwargs",
+    "input_size",
+    "mean",
+    "std",
+    "crop_pct",
+)
 
 
 @dataclass
@@ -78,6 +88,32 @@ def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> dict[str
         if rival:  # e.g. --set finetune.steps=100 replaces the recipe's `epochs`
             out[section].pop(rival, None)
     return out
+
+
+def stage_result(name: str, report: dict) -> str:
+    """One line per stage for the run table: what the stage achieved, from its report."""
+    if name == "convert":
+        text = ", ".join(f"{n} {a}" for a, n in report["summary"]["actions"].items())
+        cal = report.get("calibration")
+        if cal and cal.get("after"):
+            text += (
+                f"; calibrated: top-1 agreement with BN {cal['before']['top1_agreement']:.1f}% -> "
+                f"{cal['after']['top1_agreement']:.1f}% (held-out)"
+            )
+        return text
+    if name == "finetune":
+        before, after, teacher = report.get("before") or {}, report.get("after") or {}, report.get("teacher") or {}
+        if before.get("top1") is not None and after.get("top1") is not None:
+            text = f"val top-1 {before['top1']:.2f}% -> {after['top1']:.2f}%"
+            if teacher.get("top1") is not None:
+                text += f" (BN teacher {teacher['top1']:.2f}%)"
+            return text
+        return f"{report.get('steps', '?')} steps"
+    if name == "export":
+        verification = report.get("verification") or {}
+        layers = len(verification.get("layers") or [])
+        return f"verified in onnxruntime: whole model + {layers} GN layers" if report.get("ok") else "NOT verified"
+    return ""
 
 
 def _check_keys(section: str, body: dict, allowed: tuple[str, ...], recipe: str) -> None:
@@ -140,6 +176,7 @@ def run_recipe(
             "artifact": str(artifact),
             "report": str(out / f"{name}.json"),
             "seconds": round(time.perf_counter() - start, 2),
+            "result": stage_result(name, result.to_dict()),
         }
         write_json(out / f"{name}.json", result.to_dict())
         state[name] = entry

@@ -102,10 +102,10 @@ def calibration_summary(cal: dict) -> str:
 
 def run_table(run: dict) -> Table:
     table = Table(title=f"gnsurgeon run {run['recipe']} {run['source']} -> {run['outdir']}", header_style="bold")
-    for name in ("stage", "status", "artifact", "report", "seconds"):
-        table.add_column(name, justify="right" if name == "seconds" else "left")
+    for name in ("stage", "status", "result", "artifact", "seconds"):
+        table.add_column(name, justify="right" if name == "seconds" else "left", overflow="fold")
     for st in run["stages"]:
-        table.add_row(st["stage"], st["status"], st["artifact"], st["report"], f"{st['seconds']:.1f}")
+        table.add_row(st["stage"], st["status"], st.get("result", ""), st["artifact"], f"{st['seconds']:.1f}")
     return table
 
 
