@@ -29,25 +29,13 @@ import numpy as np
 import onnxruntime as ort
 import timm
 import torch
+from fold_latency import with_trained_statistics  # noqa: E402  (same folder)
 
 import gnsurgeon
 from gnsurgeon.onnx_export import export_model, fold_for_export
 
 MODELS = ["resnet50", "mobilenetv3_large_100"]
 PROFILED_OPS = ["Conv", "InstanceNormalization", "Reshape", "ReorderInput", "ReorderOutput", "Mul", "Add", "Relu"]
-
-
-def with_trained_statistics(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-    return model
 
 
 def torchlib_export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
