@@ -95,6 +95,18 @@ class _Stop(Exception):
     """Raised by a hook once the activation we need is captured: the rest of the forward is skipped."""
 
 
+def _forward_until_stop(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """Run ``model`` without gradients until a hook raises :class:`_Stop`; remove the hooks."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
     for images, _labels, bad in loader:
         broken.add(bad)
@@ -114,14 +126,7 @@ def _capture_inputs(model: nn.Module, paths: list[str], x: torch.Tensor, stop_af
                 raise _Stop
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_until_stop(model, x, handles)
     return captured
 
 
@@ -204,16 +209,11 @@ def _block_output(model: nn.Module, block: str, x: torch.Tensor, with_input: boo
         store["out"] = output.detach().clone() if isinstance(output, torch.Tensor) else output
         raise _Stop
 
-    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = module.register_forward_hook(post, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Stop:
-        pass
-    finally:
-        h1.remove()
-        h2.remove()
+    handles = [
+        module.register_forward_pre_hook(pre, with_kwargs=True),
+        module.register_forward_hook(post, with_kwargs=True),
+    ]
+    _forward_until_stop(model, x, handles)
     return store.get("args"), store.get("kwargs", {}), store.get("out")
 
 

@@ -8,7 +8,7 @@ parses options into :class:`ConvertOptions` and renders the returned :class:`Con
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from .errors import GNSurgeonError
 from .fold import compare_freeze_fold, plan_folds
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
 from .probe import make_probe_input, run_probe
+from .recipes import options_from_mapping
 from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
 from .surgery import apply_plan, make_plan
 
@@ -103,11 +104,7 @@ class ConvertOptions:
 
     @classmethod
     def from_mapping(cls, values: dict, origin: str = "options") -> ConvertOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise GNSurgeonError(f"unknown convert option(s) {', '.join(unknown)} in {origin}")
-        return cls(**values)
+        return options_from_mapping(cls, values, "convert", origin)
 
 
 @dataclass

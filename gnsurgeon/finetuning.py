@@ -28,7 +28,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from . import __version__
 from .checkpoint import load, read_checkpoint, save, write_atomically
 from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform, train_transform
 from .errors import GNSurgeonError, VerificationError
+from .recipes import options_from_mapping
 
 STATE_FORMAT = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -137,11 +138,7 @@ class FinetuneOptions:
 
     @classmethod
     def from_mapping(cls, values: dict, origin: str = "options") -> FinetuneOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise GNSurgeonError(f"unknown finetune option(s) {', '.join(unknown)} in {origin}")
-        return cls(**values)
+        return options_from_mapping(cls, values, "finetune", origin)
 
     def validate(self) -> None:
         """Check every option before any slow work; each problem is one sentence naming the option."""

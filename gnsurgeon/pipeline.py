@@ -19,7 +19,7 @@ from . import __version__
 from .checkpoint import read_checkpoint, write_text_atomically
 from .conversion import ConvertOptions, convert_source
 from .errors import GNSurgeonError, VerificationError
-from .recipes import read_recipe
+from .recipes import check_section_keys, read_recipe
 
 # Keys of the recipe's ``export`` section: ExportOptions fields, then VerifyOptions fields.
 EXPORT_KEYS = ("opset", "gn_op", "dynamic_batch", "verify")
@@ -116,14 +116,6 @@ def stage_result(name: str, report: dict) -> str:
     return ""
 
 
-def _check_keys(section: str, body: dict, allowed: tuple[str, ...], recipe: str) -> None:
-    for key in body:
-        if key not in allowed:
-            raise GNSurgeonError(
-                f"unknown key {key!r} in section {section!r} of recipe {recipe} (known: {', '.join(allowed)})"
-            )
-
-
 def run_recipe(
     recipe: str | Path,
     source: str,
@@ -144,9 +136,9 @@ def run_recipe(
     recipe = str(recipe)
     sections = apply_overrides(read_recipe(recipe), overrides or [])
     source_options = {k: v for k, v in (source_options or {}).items() if v is not None}
-    _check_keys("convert", sections.get("convert", {}), ConvertOptions.RECIPE_KEYS, recipe)
-    _check_keys("finetune", sections.get("finetune", {}), FinetuneOptions.RECIPE_KEYS, recipe)
-    _check_keys("export", sections.get("export", {}), EXPORT_KEYS + VERIFY_KEYS, recipe)
+    check_section_keys("convert", sections.get("convert", {}), ConvertOptions.RECIPE_KEYS, recipe)
+    check_section_keys("finetune", sections.get("finetune", {}), FinetuneOptions.RECIPE_KEYS, recipe)
+    check_section_keys("export", sections.get("export", {}), EXPORT_KEYS + VERIFY_KEYS, recipe)
     bad_source = set(source_options) - set(SOURCE_KEYS)
     if bad_source:
         raise GNSurgeonError(f"unknown source option(s) {', '.join(sorted(bad_source))}")

@@ -13,6 +13,7 @@ command-line flags override it. Unknown sections and keys are errors naming the 
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from .errors import GNSurgeonError
@@ -53,14 +54,27 @@ def read_recipe(path: str | Path) -> dict[str, dict]:
     return data
 
 
+def check_section_keys(section: str, body: dict, allowed: tuple[str, ...], recipe: str | Path) -> None:
+    """Unknown keys are errors that name the key, the section and the file."""
+    for key in body:
+        if key not in allowed:
+            raise GNSurgeonError(
+                f"unknown key {key!r} in section {section!r} of recipe {recipe} (known: {', '.join(allowed)})"
+            )
+
+
+def options_from_mapping(cls, values: dict, what: str, origin: str):
+    """Build an options dataclass, naming unknown fields and where they came from."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise GNSurgeonError(f"unknown {what} option(s) {', '.join(unknown)} in {origin}")
+    return cls(**values)
+
+
 def recipe_section(path: str | Path | None, section: str, allowed: tuple[str, ...]) -> dict:
     """The ``section`` of a recipe, checked against the keys that command accepts."""
     if path is None:
         return {}
     body = read_recipe(path).get(section, {})
-    for key in body:
-        if key not in allowed:
-            raise GNSurgeonError(
-                f"unknown key {key!r} in section {section!r} of recipe {path} (known: {', '.join(allowed)})"
-            )
+    check_section_keys(section, body, allowed, path)
     return dict(body)
