@@ -33,14 +33,16 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenetv3_small_100"])
     parser.add_argument("--data", default="bench-data/digits")
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150, help="block reconstruction steps per block")
+    parser.add_argument("--final-steps", type=int, default=300, help="end-to-end logits-matching steps")
     args = parser.parse_args()
     torch.set_num_threads(2)
     train_dir, val_dir = write_digits(args.data)
     x_val, y_val = load_tensors(val_dir)
     print(
         f"digits 32x32, {len(y_val)} val images; calibration: {args.samples} train images (20% held out for "
-        f"the agreement metric), block method {args.steps} steps/block; torch {torch.__version__}, CPU\n"
+        f"the agreement metric), {args.steps} steps/block + {args.final_steps} end-to-end steps; "
+        f"torch {torch.__version__}, CPU\n"
     )
     print(
         "| model | policy | teacher (BN) | GN, γ/β copy | GN, layer fit | GN, calibrated | calibrated / teacher "
@@ -62,7 +64,11 @@ def main() -> None:
             for method in ("layer", "block"):
                 start = time.perf_counter()
                 options = CalibrationOptions(
-                    data=str(train_dir), samples=args.samples, method=method, block_steps=args.steps
+                    data=str(train_dir),
+                    samples=args.samples,
+                    method=method,
+                    block_steps=args.steps,
+                    final_steps=args.final_steps,
                 )
                 calibrated, _ = calibrate(teacher, student, plan, DIGITS_CONFIG, options)
                 results[method] = (top1(calibrated, x_val, y_val), time.perf_counter() - start)

@@ -12,11 +12,20 @@ hundred images:
 2. **Block reconstruction** (a short optimisation). GN's per-sample statistics cannot be undone by
    a per-channel affine, but the layers of a block together can compensate: for each block (the
    smallest module holding a few GN layers, e.g. a ResNet bottleneck), in order, the block's
-   parameters are tuned for a few dozen steps so its output matches the original block's output,
+   parameters are tuned (Adam, cosine-decayed) so its output matches the original block's output,
    fed by the calibrated blocks before it.
+3. **End to end** (a few hundred steps). Where GN groups see a handful of values (1×1 and 2×2 maps
+   late in small-input MobileNets) nothing local can restore what GN removed; the layers downstream
+   must compensate. The whole student is tuned to match the original's logits (KL, no labels) on the
+   calibration images widened by mixup pairs and shifted/scaled copies (the original labels any
+   input), which keeps it from overfitting a few hundred images.
 
-Memory is one batch of one layer's (block's) activations; passes stop right after the layer being
-fitted. Everything is seeded: the same seed gives the same parameters.
+A tuning pass (one block, or the end-to-end pass) is scored before and after on the same data and
+undone when it did not lower the error: calibration never ends worse than the closed-form fit.
+
+Passes 1 and 2 hold one batch of one layer's (block's) activations and stop right after the layer
+being fitted; pass 3 holds one training step of the model. No pass holds the dataset: batches are
+streamed. Everything is seeded: the same seed gives the same parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +57,25 @@ class CalibrationOptions:
     holdout: float = 0.2
     batch_size: int = 32
     method: str = "block"  # "layer" (closed form only) or "block" (closed form, then per-block)
-    block_steps: int = 60
+    block_steps: int = 150
     block_inner_steps: int = 1  # optimiser steps per computed batch (more is cheaper but fits worse)
-    block_lr: float = 1e-3
+    block_lr: float = 3e-3
     max_block_layers: int = 4
+    final_steps: int = 300  # end-to-end logits matching over the whole student (no labels); 0: off
+    final_lr: float = 1e-3
+    final_mix: bool = True  # label-free mixup of the calibration images: more distinct inputs, less overfit
+    final_augment: bool = True  # random shifts and scales of the images (the original labels whatever it sees)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            message = f"calibration device {self.device!r} is not a torch device (auto, cpu, cuda:0)"
+            raise GNSurgeonError(message) from None
 
     def check(self) -> None:
         if self.method not in ("layer", "block"):
@@ -61,6 +84,10 @@ class CalibrationOptions:
             raise GNSurgeonError("--calib-samples must be at least 2")
         if not 0 <= self.holdout < 1:
             raise GNSurgeonError("the calibration hold-out fraction must be in [0, 1)")
+        if self.torch_device().type == "cuda" and not torch.cuda.is_available():
+            raise GNSurgeonError(f"calibration device {self.device} was asked for but CUDA is not available")
+        if self.block_steps < 0 or self.final_steps < 0:
+            raise GNSurgeonError("--calib-steps and --calib-final-steps must be 0 or more")
 
 
 @dataclass
@@ -218,7 +245,7 @@ def _block_output(model: nn.Module, block: str, x: torch.Tensor, with_input: boo
 
 
 def _reconstruct_block(
-    student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str]
+    student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str], tick=None
 ) -> dict:
     """Tune the block's own parameters so its output matches the original block's output."""
     module = student.get_submodule(block)
@@ -229,8 +256,11 @@ def _reconstruct_block(
     if not params:
         return {"block": block, "steps": 0}
     opt = torch.optim.Adam(params, lr=options.block_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.block_steps))
     was_training = module.training
     module.eval()
+    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    check = None  # the first batch: the same data scores the block before and after tuning
     losses, step = [], 0
     while step < options.block_steps:
         progressed = False
@@ -240,11 +270,18 @@ def _reconstruct_block(
             if args is None or not isinstance(target, torch.Tensor):
                 return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
             scale = target.var().clamp_min(1e-12)
+            if check is None:
+                check = (args, kwargs, target, scale)
+                with torch.no_grad():
+                    before = (F.mse_loss(module(*args, **kwargs), target) / scale).item()
             for _ in range(min(options.block_inner_steps, options.block_steps - step)):
                 loss = F.mse_loss(module(*args, **kwargs), target) / scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                schedule.step()
+                if tick:
+                    tick()
                 losses.append(loss.item())
                 step += 1
             progressed = True
@@ -252,8 +289,99 @@ def _reconstruct_block(
                 break
         if not progressed:
             break
+    result = {"block": block, "steps": step, "loss_first": before}
+    with torch.no_grad():
+        args, kwargs, target, scale = check
+        result["loss_last"] = (F.mse_loss(module(*args, **kwargs), target) / scale).item()
+    if not result["loss_last"] <= before:  # never leave a block worse than the closed-form fit
+        module.load_state_dict(snapshot)
+        result.update(loss_last=before, note="reverted: tuning did not lower the block's error")
     module.train(was_training)
-    return {"block": block, "steps": step, "loss_first": losses[0], "loss_last": losses[-1]}
+    return result
+
+
+def _logits_divergence(student, teacher, loader_fn) -> float | None:
+    """Mean KL(original ‖ student) of the logits over the data; None unless outputs are (N, classes)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x in loader_fn():
+            out, target = student(x), teacher(x)
+            if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+                return None
+            total += _kl(out, target).item() * len(x)
+            count += len(x)
+    return total / count if count else None
+
+
+def _kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), reduction="batchmean", log_target=True)
+
+
+def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Generator) -> torch.Tensor:
+    """More distinct inputs from one batch, without labels: the original's logits are the target
+    wherever the input lies, so mixup pairs and shifted/scaled copies are all valid training points."""
+    if options.final_mix and len(x) > 1:
+        lam = torch.rand(len(x), *([1] * (x.dim() - 1)), generator=gen).to(x)
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        x = torch.cat([x, lam * x + (1 - lam) * x[perm]])
+    if options.final_augment and x.dim() == 4:
+        n = len(x)
+        scale = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.2  # ±10%
+        shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.25  # ±1/8 of the image
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+    return x
+
+
+def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protected: set[str], tick=None) -> dict:
+    """Match the original's logits end to end (KL, no labels) for a few hundred steps.
+
+    Block-local fits cannot undo what GN removes where groups see a handful of values (1×1 and 2×2
+    maps late in small-input MobileNets); layers downstream have to compensate. Each batch is
+    extended with label-free mixup images (pairs from the same batch, seeded), without which the
+    pass overfits the few hundred calibration images. The divergence over the calibration images
+    is measured before and after; a pass that did not lower it is undone. Memory: one training step
+    of the model.
+    """
+    name = "(end to end)"
+    before = _logits_divergence(student, teacher, loader_fn)
+    if before is None:
+        return {"block": name, "steps": 0, "note": "model output is not (N, classes) logits"}
+    frozen = {id(p) for path in protected for p in student.get_submodule(path).parameters()}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
+    snapshot = copy.deepcopy(student.state_dict())
+    opt = torch.optim.Adam(params, lr=options.final_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.final_steps))
+    gen = torch.Generator().manual_seed(options.seed + 1)
+    steps = 0
+    while steps < options.final_steps:
+        progressed = False
+        for x in loader_fn():
+            x = _distinct_inputs(x, options, gen)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = _kl(student(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            steps += 1
+            if tick:
+                tick()
+            progressed = True
+            if steps >= options.final_steps:
+                break
+        if not progressed:
+            break
+    after = _logits_divergence(student, teacher, loader_fn)
+    result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
+    if not after <= before:  # never leave the model further from its original than the block fits did
+        student.load_state_dict(snapshot)
+        result.update(loss_last=before, note="reverted: tuning did not lower the logits divergence")
+    return result
 
 
 @torch.no_grad()
@@ -289,21 +417,46 @@ def _layer_errors(student, teacher, paths: list[str], loader_fn) -> dict[str, fl
     return {p: (num[p] / den[p] if den[p] > 0 else math.nan) for p in paths}
 
 
+def calibration_batches(options: CalibrationOptions, data_config: DataConfig, broken: BrokenImages) -> tuple:
+    """(fit batches, held-out batches, fit count, held-out count): two re-iterable, seeded streams.
+
+    ``options.samples`` images are read with the model's eval transform; ``options.holdout`` of them
+    are kept apart for the agreement metric (all are used for both when there are too few).
+    """
+    device = options.torch_device()
+    dataset = ImageFolderData(options.data, eval_transform(data_config), limit=options.samples, seed=options.seed)
+    n_hold = int(round(len(dataset) * options.holdout)) if len(dataset) > 4 else 0
+    shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
+    hold_set = Subset(dataset, sorted(shuffled[:n_hold]))
+
+    def stream(subset):
+        def iterate():
+            dl = DataLoader(subset, batch_size=options.batch_size, shuffle=False, collate_fn=collate_skip_broken)
+            return _batches(dl, broken, device)
+
+        return iterate
+
+    return stream(fit_set), stream(hold_set if n_hold else fit_set), len(fit_set), n_hold
+
+
 def calibrate(
     teacher: nn.Module,
     student: nn.Module,
     plan: Plan,
     data_config: DataConfig,
     options: CalibrationOptions,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, CalibrationReport]:
     """Return a calibrated copy of ``student`` (the GN conversion of ``teacher``) and the report.
 
     Only layers whose plan action is ``gn`` are fitted; BN* layers, and the convs a BN* was folded
-    into, are left as they are. Neither input model is modified.
+    into, are left as they are. Neither input model is modified. ``progress(done, total)`` is called
+    after each layer fit and each optimiser step (for a progress bar).
     """
     options.check()
     start = time.perf_counter()
-    device = torch.device(options.device)
+    device = options.torch_device()
     torch.manual_seed(options.seed)
     student = copy.deepcopy(student).to(device).eval()
     teacher = copy.deepcopy(teacher).to(device).eval()
@@ -312,38 +465,38 @@ def calibrate(
     if not gn_paths:
         raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
 
-    dataset = ImageFolderData(options.data, eval_transform(data_config), limit=options.samples, seed=options.seed)
-    n_hold = int(round(len(dataset) * options.holdout)) if len(dataset) > 4 else 0
-    shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
-    fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
-    hold_set = Subset(dataset, sorted(shuffled[:n_hold]))
     broken = BrokenImages()
-
-    def loader(subset):
-        def iterate():
-            gen = torch.Generator().manual_seed(options.seed)
-            dl = DataLoader(
-                subset, batch_size=options.batch_size, shuffle=False, generator=gen, collate_fn=collate_skip_broken
-            )
-            return _batches(dl, broken, device)
-
-        return iterate
-
-    fit_data, eval_data = loader(fit_set), loader(hold_set if n_hold else fit_set)
+    fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
     order = _execution_order(student, gn_paths, next(iter(fit_data()), None))
-    report = CalibrationReport(options.method, len(fit_set), n_hold)
+    report = CalibrationReport(options.method, n_fit, n_hold)
     report.before = _agreement(student, teacher, eval_data)
     before = _layer_errors(student, teacher, order, eval_data)
+
+    blocks = calibration_blocks(student, order, options.max_block_layers) if options.method == "block" else []
+    total = len(order)
+    if options.method == "block":
+        total += options.block_steps * sum(block not in paths for block, paths in blocks) + options.final_steps
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
 
     if options.method == "layer":
         for path in order:
             _fit_layer(student, teacher, path, fit_data, device)
+            tick()
     else:
-        for block, paths in calibration_blocks(student, order, options.max_block_layers):
+        for block, paths in blocks:
             for path in paths:
                 _fit_layer(student, teacher, path, fit_data, device)
+                tick()
             if block not in paths:
-                report.blocks.append(_reconstruct_block(student, teacher, block, fit_data, options, protected))
+                report.blocks.append(_reconstruct_block(student, teacher, block, fit_data, options, protected, tick))
+        if options.final_steps > 0:
+            report.blocks.append(_final_pass(student, teacher, fit_data, options, protected, tick))
 
     after = _layer_errors(student, teacher, order, eval_data)
     report.layers = {p: {"before": before[p], "after": after[p]} for p in order}

@@ -24,6 +24,7 @@ from .report import (
     fold_table,
     plan_table,
     run_table,
+    step_progress,
     summary_table,
     write_json,
 )
@@ -57,9 +58,16 @@ Calibrate = Annotated[
 ]
 CalibSamples = Annotated[int | None, typer.Option("--calib-samples", help="Images used to calibrate (256).")]
 CalibMethod = Annotated[
-    str | None, typer.Option("--calib-method", help="block (default: per-layer fit + block reconstruction) or layer.")
+    str | None,
+    typer.Option("--calib-method", help="block (default: layer fit, block tuning, end-to-end pass) or layer."),
 ]
-CalibSteps = Annotated[int | None, typer.Option("--calib-steps", help="Reconstruction steps per block (60).")]
+CalibSteps = Annotated[int | None, typer.Option("--calib-steps", help="Reconstruction steps per block (150).")]
+CalibFinalSteps = Annotated[
+    int | None, typer.Option("--calib-final-steps", help="End-to-end logits-matching steps (300; 0: off).")
+]
+CalibDevice = Annotated[
+    str | None, typer.Option("--calib-device", help="Where to calibrate: auto (CUDA when present), cpu, cuda:N.")
+]
 BnFree = Annotated[
     bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
 ]
@@ -130,6 +138,8 @@ def convert(
     calib_samples: CalibSamples = None,
     calib_method: CalibMethod = None,
     calib_steps: CalibSteps = None,
+    calib_final_steps: CalibFinalSteps = None,
+    calib_device: CalibDevice = None,
     bn_free: BnFree = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
@@ -151,8 +161,8 @@ def convert(
         flags = _convert_flags(locals())
         options = _build_options(recipe, flags)
         options.probe = not no_probe
-        with console.status(f"converting {source} ..."):
-            report = convert_source(source, output, options, dry_run=dry_run)
+        with step_progress(f"converting {source}", enabled=not quiet) as progress:
+            report = convert_source(source, output, options, dry_run=dry_run, progress=progress)
     except GNSurgeonError as exc:
         _fail(exc)
     if not quiet or dry_run:
@@ -560,6 +570,7 @@ def run_command(
             source_options=source_options,
             overrides=list(set_ or []),
             stage_callback=lambda name: console.rule(f"[bold]{name}"),
+            progress=err_console,
         )
     except GNSurgeonError as exc:
         _fail(exc)

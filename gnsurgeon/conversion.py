@@ -8,6 +8,7 @@ parses options into :class:`ConvertOptions` and renders the returned :class:`Con
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,8 +54,10 @@ class ConvertOptions:
     calibrate: str | None = None
     calib_samples: int = 256
     calib_method: str = "block"
-    calib_steps: int = 60
+    calib_steps: int = 150
+    calib_final_steps: int = 300
     calib_batch_size: int = 32
+    calib_device: str = "auto"
     bn_free: bool = False
 
     RECIPE_KEYS = (
@@ -71,7 +74,9 @@ class ConvertOptions:
         "calib_samples",
         "calib_method",
         "calib_steps",
+        "calib_final_steps",
         "calib_batch_size",
+        "calib_device",
         "bn_free",
     )
 
@@ -91,6 +96,8 @@ class ConvertOptions:
             batch_size=self.calib_batch_size,
             method=self.calib_method,
             block_steps=self.calib_steps,
+            final_steps=self.calib_final_steps,
+            device=self.calib_device,
             seed=self.seed,
         )
 
@@ -223,8 +230,12 @@ def convert_source(
     options: ConvertOptions | None = None,
     *,
     dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ConvertReport:
-    """Convert ``source`` and write one checkpoint to ``output`` (nothing is written on ``dry_run``)."""
+    """Convert ``source`` and write one checkpoint to ``output`` (nothing is written on ``dry_run``).
+
+    ``progress(done, total)`` follows calibration, the one long step (see :func:`calibrate`).
+    """
     options = options or ConvertOptions()
     policy, selection = options.policy(), options.selection()  # validate options before slow work
     if options.calibrate:
@@ -256,7 +267,9 @@ def convert_source(
     timings["convert"] = round(time.perf_counter() - start, 4)
     if options.calibrate:
         start = time.perf_counter()
-        converted, calibration = calibrate(opened.model, converted, delta, opened.data_config, options.calibration())
+        converted, calibration = calibrate(
+            opened.model, converted, delta, opened.data_config, options.calibration(), progress
+        )
         report.calibration = calibration.to_dict()
         timings["calibrate"] = round(time.perf_counter() - start, 4)
     if options.probe:

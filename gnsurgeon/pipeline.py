@@ -126,12 +126,16 @@ def run_recipe(
     source_options: dict | None = None,
     overrides: list[str] | None = None,
     stage_callback=None,
+    progress=None,
 ) -> RunReport:
-    """Run every stage ``recipe`` has a section for on ``source``; artifacts go to ``outdir``."""
+    """Run every stage ``recipe`` has a section for on ``source``; artifacts go to ``outdir``.
+
+    ``progress``: a rich Console on which calibration and fine-tuning draw progress bars.
+    """
     from .finetuning import FinetuneOptions, finetune
     from .onnx_export import ExportOptions, export_onnx
     from .onnx_verify import VerifyOptions
-    from .report import write_json
+    from .report import step_progress, write_json
 
     recipe = str(recipe)
     sections = apply_overrides(read_recipe(recipe), overrides or [])
@@ -186,7 +190,12 @@ def run_recipe(
     convert_options = ConvertOptions.from_mapping({**convert_body, **source_options}, f"recipe {recipe}")
     converted = out / "converted.safetensors"
     convert_fp = _fingerprint(source, convert_options.__dict__, _file_id(convert_options.weights))
-    stage("convert", convert_fp, converted, lambda: convert_source(source, converted, convert_options))
+
+    def convert():
+        with step_progress(f"converting {source}", enabled=progress is not None) as tick:
+            return convert_source(source, converted, convert_options, progress=tick)
+
+    stage("convert", convert_fp, converted, convert)
     last, last_fp = converted, convert_fp
 
     # 2. finetune (`teacher: source` distils from the BN original the checkpoint records)
@@ -204,7 +213,7 @@ def run_recipe(
             metrics=str(out / "finetune-metrics.jsonl"),
             resume=True,
         )
-        stage("finetune", ft_fp, finetuned, lambda: finetune(last, finetuned, ft_options))
+        stage("finetune", ft_fp, finetuned, lambda: finetune(last, finetuned, ft_options, progress=progress))
         last, last_fp = finetuned, ft_fp
 
     # 3. export-onnx with verification (a failed verification stops the run with exit 1)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .checkpoint import write_text_atomically
@@ -86,6 +89,18 @@ def calibration_table(cal: dict) -> Table:
     return table
 
 
+@contextmanager
+def step_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar on stderr, driven by a ``progress(done, total)`` callback (None if off)."""
+    if not enabled:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def calibration_summary(cal: dict) -> str:
     def fmt(d: dict) -> str:
         if not d:
@@ -95,6 +110,15 @@ def calibration_summary(cal: dict) -> str:
     held = f"{cal['holdout']} held-out images" if cal["holdout"] else "the calibration images"
     text = f"{cal['samples']} images, {cal['seconds']:.1f} s; on {held}: "
     text += f"before {fmt(cal['before'])} -> after {fmt(cal['after'])}"
+    tuned = [b for b in cal.get("blocks", []) if b.get("steps")]
+    blocks = [b for b in tuned if b["block"] != "(end to end)"]
+    if blocks:
+        undone = sum("reverted" in b.get("note", "") for b in blocks)
+        text += f"; {len(blocks)} blocks tuned" + (f" ({undone} undone: no gain)" if undone else "")
+    for b in tuned:
+        if b["block"] == "(end to end)":
+            outcome = "undone: no gain" if "reverted" in b.get("note", "") else f"{b['loss_last']:.3g}"
+            text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
     return text

@@ -16,7 +16,10 @@ from gnsurgeon.layers import norm_kind
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 # Small budgets so that every recipe runs in seconds; the recipes' own values stay as shipped.
-FAST = {"finetune": ["steps=2", "batch_size=2", "workers=0"], "convert": ["calib_samples=8", "calib_steps=2"]}
+FAST = {
+    "finetune": ["steps=2", "batch_size=2", "workers=0"],
+    "convert": ["calib_samples=8", "calib_steps=2", "calib_final_steps=2"],
+}
 
 
 def _fast(recipe: Path) -> list[str]:
