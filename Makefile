@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The whole workflow on a built-in default that needs no download: scikit-learn's handwritten digits
 # (shipped inside the package) and a resnet18 BN teacher trained on them here, then
-# convert + calibrate -> fine-tune at batch 2 with distillation -> ONNX export, verified.
+# convert + calibrate -> fine-tune at batch 8 with distillation -> ONNX export, verified.
 DIGITS := $(DEMO)/digits
 DIGITS_FLAGS := --num-classes 10 --input-size 3,32,32 --mean 0.25,0.25,0.25 --std 0.35,0.35,0.35 --crop-pct 1
 demo: $(STAMP)
