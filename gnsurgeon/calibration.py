@@ -300,13 +300,24 @@ def _reconstruct_block(
     return result
 
 
+def class_scores(output) -> torch.Tensor | None:
+    """A model output as rows of class logits: (N, classes) as is, dense (N, classes, H, W) logits
+    (segmentation; torchvision's ``{"out": ...}``) one row per position; None for anything else
+    (detector boxes, feature lists)."""
+    if isinstance(output, dict) and isinstance(output.get("out"), torch.Tensor):
+        output = output["out"]
+    if not isinstance(output, torch.Tensor) or output.dim() < 2 or not output.is_floating_point():
+        return None
+    return output if output.dim() == 2 else output.movedim(1, -1).reshape(-1, output.shape[1])
+
+
 def _logits_divergence(student, teacher, loader_fn) -> float | None:
-    """Mean KL(original ‖ student) of the logits over the data; None unless outputs are (N, classes)."""
+    """Mean KL(original ‖ student) of the class logits over the data; None without class logits."""
     total, count = 0.0, 0
     with torch.no_grad():
         for x in loader_fn():
-            out, target = student(x), teacher(x)
-            if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+            out, target = class_scores(student(x)), class_scores(teacher(x))
+            if out is None or target is None:
                 return None
             total += _kl(out, target).item() * len(x)
             count += len(x)
@@ -337,7 +348,10 @@ def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Ge
 
 
 def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protected: set[str], tick=None) -> dict:
-    """Match the original's logits end to end (KL, no labels) for a few hundred steps.
+    """Match the original's class logits end to end (KL, no labels) for a few hundred steps.
+
+    Classifiers match their (N, classes) logits, segmentation models their per-pixel logits;
+    models without class logits (detectors) skip this pass.
 
     Block-local fits cannot undo what GN removes where groups see a handful of values (1×1 and 2×2
     maps late in small-input MobileNets); layers downstream have to compensate. Each batch is
@@ -349,7 +363,7 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
     name = "(end to end)"
     before = _logits_divergence(student, teacher, loader_fn)
     if before is None:
-        return {"block": name, "steps": 0, "note": "model output is not (N, classes) logits"}
+        return {"block": name, "steps": 0, "note": "the model does not output class logits"}
     frozen = {id(p) for path in protected for p in student.get_submodule(path).parameters()}
     params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
     snapshot = copy.deepcopy(student.state_dict())
@@ -362,8 +376,8 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
         for x in loader_fn():
             x = _distinct_inputs(x, options, gen)
             with torch.no_grad():
-                target = teacher(x)
-            loss = _kl(student(x), target)
+                target = class_scores(teacher(x))
+            loss = _kl(class_scores(student(x)), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -386,15 +400,16 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
 
 @torch.no_grad()
 def _agreement(student, teacher, loader_fn) -> dict:
+    """Top-1 agreement (%) and logits cosine with the original: per image, or per pixel for segmentation."""
     agree = total = 0
     cos_sum = 0.0
     for x in loader_fn():
-        ys, yt = student(x), teacher(x)
-        if not (isinstance(ys, torch.Tensor) and ys.dim() == 2):
+        ys, yt = class_scores(student(x)), class_scores(teacher(x))
+        if ys is None or yt is None:
             return {}
         agree += (ys.argmax(1) == yt.argmax(1)).sum().item()
         cos_sum += F.cosine_similarity(ys.double(), yt.double(), dim=1).sum().item()
-        total += len(x)
+        total += len(ys)
     if not total:
         return {}
     return {"top1_agreement": 100.0 * agree / total, "logits_cosine": cos_sum / total}

@@ -18,6 +18,7 @@ from gnsurgeon.calibration import (
     calibrate,
     calibration_batches,
     calibration_blocks,
+    class_scores,
 )
 from gnsurgeon.cli import app
 from gnsurgeon.data import BrokenImages
@@ -219,3 +220,35 @@ def test_calibration_on_cuda_matches_the_original_like_on_cpu(teacher, images):
     assert next(on_gpu.parameters()).device.type == "cpu"  # returned on the CPU like the input
     assert gpu_report.after["logits_cosine"] > gpu_report.before["logits_cosine"]
     assert abs(gpu_report.after["logits_cosine"] - cpu_report.after["logits_cosine"]) < 0.01
+
+
+class _TinySegmenter(torch.nn.Module):
+    """torchvision segmentation's shape: a dict whose "out" holds (N, classes, H, W) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(), torch.nn.Conv2d(32, 5, 1)
+        )
+
+    def forward(self, x):
+        return {"out": self.body(x)}
+
+
+def test_class_scores_rows_per_image_or_pixel():
+    assert class_scores(torch.zeros(4, 10)).shape == (4, 10)
+    dense = torch.arange(2 * 5 * 3 * 3, dtype=torch.float32).view(2, 5, 3, 3)
+    rows = class_scores({"out": dense})
+    assert rows.shape == (18, 5) and torch.equal(rows[4], dense[0, :, 1, 1])
+    assert class_scores([{"boxes": torch.zeros(0, 4)}]) is None  # a detector's output
+    assert class_scores(torch.zeros(4, dtype=torch.long)) is None
+
+
+def test_segmentation_models_get_the_end_to_end_pass_per_pixel(images):
+    torch.manual_seed(0)
+    teacher = _far_from_identity(_TinySegmenter())
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan)
+    _, report = calibrate(teacher, student, plan, CONFIG, _options(images, final_steps=3))
+    assert report.blocks[-1]["block"] == "(end to end)" and report.blocks[-1]["steps"] == 3
+    assert report.after["logits_cosine"] > report.before["logits_cosine"]  # per-pixel agreement metrics
