@@ -261,7 +261,7 @@ def _reconstruct_block(
     module.eval()
     snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
     check = None  # the first batch: the same data scores the block before and after tuning
-    losses, step = [], 0
+    step = 0
     while step < options.block_steps:
         progressed = False
         for x in loader_fn():
@@ -282,13 +282,15 @@ def _reconstruct_block(
                 schedule.step()
                 if tick:
                     tick()
-                losses.append(loss.item())
                 step += 1
             progressed = True
             if step >= options.block_steps:
                 break
         if not progressed:
             break
+    if check is None:  # no readable batch
+        module.train(was_training)
+        return {"block": block, "steps": 0}
     result = {"block": block, "steps": step, "loss_first": before}
     with torch.no_grad():
         args, kwargs, target, scale = check
@@ -508,7 +510,7 @@ def calibrate(
             for path in paths:
                 _fit_layer(student, teacher, path, fit_data, device)
                 tick()
-            if block not in paths:
+            if block not in paths and options.block_steps > 0:
                 report.blocks.append(_reconstruct_block(student, teacher, block, fit_data, options, protected, tick))
         if options.final_steps > 0:
             report.blocks.append(_final_pass(student, teacher, fit_data, options, protected, tick))

@@ -252,3 +252,13 @@ def test_segmentation_models_get_the_end_to_end_pass_per_pixel(images):
     _, report = calibrate(teacher, student, plan, CONFIG, _options(images, final_steps=3))
     assert report.blocks[-1]["block"] == "(end to end)" and report.blocks[-1]["steps"] == 3
     assert report.after["logits_cosine"] > report.before["logits_cosine"]  # per-pixel agreement metrics
+
+
+def test_block_method_without_tuning_steps_is_the_layer_fit(teacher, images):
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan)
+    layer, _ = calibrate(teacher, student, plan, CONFIG, _options(images, method="layer"))
+    block, report = calibrate(teacher, student, plan, CONFIG, _options(images, block_steps=0, final_steps=0))
+    assert report.blocks == []
+    pairs = zip(layer.state_dict().values(), block.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
