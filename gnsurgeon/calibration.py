@@ -434,6 +434,13 @@ def _layer_errors(student, teacher, paths: list[str], loader_fn) -> dict[str, fl
     return {p: (num[p] / den[p] if den[p] > 0 else math.nan) for p in paths}
 
 
+def untouchable(plan: Plan) -> set[str]:
+    """Module paths whose parameters calibration never tunes: convs holding a folded BN* (their
+    weights must stay the exact BN* fold) and norm layers the plan keeps or freezes."""
+    paths = {lp.producer for lp in plan.with_action("folded") if lp.producer}
+    return paths | {lp.path for lp in plan.with_action("keep", "frozen")}
+
+
 def calibration_batches(options: CalibrationOptions, data_config: DataConfig, broken: BrokenImages) -> tuple:
     """(fit batches, held-out batches, fit count, held-out count): two re-iterable, seeded streams.
 
@@ -478,7 +485,7 @@ def calibrate(
     student = copy.deepcopy(student).to(device).eval()
     teacher = copy.deepcopy(teacher).to(device).eval()
     gn_paths = [lp.path for lp in plan.with_action("gn")]
-    protected = {lp.producer for lp in plan.with_action("folded") if lp.producer}
+    protected = untouchable(plan)
     if not gn_paths:
         raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
 

@@ -19,6 +19,7 @@ from gnsurgeon.calibration import (
     calibration_batches,
     calibration_blocks,
     class_scores,
+    untouchable,
 )
 from gnsurgeon.cli import app
 from gnsurgeon.data import BrokenImages
@@ -150,6 +151,26 @@ def test_only_gn_layers_are_calibrated_in_a_freeze_fold_plan(teacher, images):
     assert folded_into
     for path in folded_into:
         assert torch.equal(calibrated.get_submodule(path).weight, student.get_submodule(path).weight)
+
+
+def test_kept_bn_and_folded_convs_are_never_tuned(teacher, images):
+    x = torch.randn(1, 3, 32, 32)
+    selection = Selection(freeze=("conv1.*",), skip=("layer4.0.bn1",))
+    plan = plan_folds(teacher, make_plan(teacher, selection=selection), x)
+    protected = untouchable(plan)
+    assert "layer4.0.bn1" in protected and {lp.producer for lp in plan.with_action("folded")} <= protected
+    # From a plain γ/β copy the end-to-end pass has room, so it really changes the model ...
+    student = apply_plan(teacher, plan).eval()
+    before = copy.deepcopy(student.state_dict())
+    options = _options(images, final_steps=8)
+    fit_data, _, _, _ = calibration_batches(options, CONFIG, BrokenImages())
+    result = _final_pass(student, teacher, fit_data, options, protected)
+    assert "note" not in result
+    assert not torch.equal(student.layer1[0].bn1.weight, before["layer1.0.bn1.weight"])
+    # ... except what it must not touch.
+    for path in protected:
+        for name, tensor in student.get_submodule(path).state_dict().items():
+            assert torch.equal(tensor, before[f"{path}.{name}"]), f"{path}.{name}"
 
 
 def test_blocks_group_a_few_layers_under_their_smallest_ancestor(teacher):
