@@ -14,6 +14,7 @@ from gnsurgeon import Selection, apply_plan, load, make_plan
 from gnsurgeon.calibration import (
     CalibrationOptions,
     _final_pass,
+    _layer_errors,
     _reconstruct_block,
     calibrate,
     calibration_batches,
@@ -283,3 +284,16 @@ def test_block_method_without_tuning_steps_is_the_layer_fit(teacher, images):
     assert report.blocks == []
     pairs = zip(layer.state_dict().values(), block.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_sampled_layer_errors_track_the_exact_ones(teacher, images):
+    """The report compares layers at evenly spaced positions; that must estimate the full comparison."""
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan).eval()
+    fit_data, _, _, _ = calibration_batches(_options(images), CONFIG, BrokenImages())
+    paths = [lp.path for lp in plan]
+    exact = _layer_errors(student, teacher, paths, fit_data, sample=10**9)
+    sampled = _layer_errors(student, teacher, paths, fit_data, sample=256)
+    for p in paths:
+        assert sampled[p] == pytest.approx(exact[p], rel=0.15), p
+    assert max(exact.values()) > 0.05  # the copy really is off, so the comparison means something
