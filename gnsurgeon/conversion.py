@@ -254,6 +254,11 @@ def convert_source(
     if options.fold:
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     plan = merge_plans(opened.plan, delta)
+    if options.calibrate and not delta.with_action("gn"):
+        raise GNSurgeonError(
+            f"--calibrate: this run converts no layer of {source} to GroupNorm; calibration fits new GN "
+            "layers against their BN originals, so calibrate while converting from the BN model"
+        )
     if options.bn_free:
         require_bn_free(plan)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}

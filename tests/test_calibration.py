@@ -221,6 +221,10 @@ def test_cli_convert_with_calibration(images, tmp_path):
         ["convert", "timm:test_resnet", "--calibrate", str(tmp_path / "none"), "-o", str(tmp_path / "x.safetensors")],
     )
     assert result.exit_code == 2 and "does not exist" in result.output
+    # A checkpoint that is already all GN has nothing left to calibrate against: say so, write nothing.
+    again = tmp_path / "again.safetensors"
+    result = CliRunner().invoke(app, ["convert", str(out), "--calibrate", str(images), "-o", str(again)])
+    assert result.exit_code == 2 and "converts no layer" in result.output and not again.exists()
 
 
 def test_calibration_device_is_checked_before_any_work(teacher, images):
