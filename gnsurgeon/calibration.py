@@ -244,15 +244,20 @@ def _block_output(model: nn.Module, block: str, x: torch.Tensor, with_input: boo
     return store.get("args"), store.get("kwargs", {}), store.get("out")
 
 
+def _tunable(module: nn.Module, model: nn.Module, protected: set[str]) -> list[nn.Parameter]:
+    """``module``'s trainable parameters, less those of the ``protected`` paths of ``model``."""
+    frozen = {id(p) for path in protected for p in model.get_submodule(path).parameters()}
+    return [p for p in module.parameters() if p.requires_grad and id(p) not in frozen]
+
+
 def _reconstruct_block(
     student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str], tick=None
 ) -> dict:
     """Tune the block's own parameters so its output matches the original block's output."""
     module = student.get_submodule(block)
     # Everything trainable in the block (GN γ/β and the convs around them: tuning only γ/β got
-    # 97.3% instead of 98.7% top-1 on the digits resnet18), except convs that carry a folded BN*.
-    frozen = {id(p) for path in protected for p in student.get_submodule(path).parameters()}
-    params = [p for p in module.parameters() if p.requires_grad and id(p) not in frozen]
+    # 97.3% instead of 98.7% top-1 on the digits resnet18), except what the plan protects.
+    params = _tunable(module, student, protected)
     if not params:
         return {"block": block, "steps": 0}
     opt = torch.optim.Adam(params, lr=options.block_lr)
@@ -357,8 +362,8 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
 
     Block-local fits cannot undo what GN removes where groups see a handful of values (1×1 and 2×2
     maps late in small-input MobileNets); layers downstream have to compensate. Each batch is
-    extended with label-free mixup images (pairs from the same batch, seeded), without which the
-    pass overfits the few hundred calibration images. The divergence over the calibration images
+    widened by :func:`_distinct_inputs` (seeded), without which the pass overfits the few hundred
+    calibration images. The divergence over the calibration images
     is measured before and after; a pass that did not lower it is undone. Memory: one training step
     of the model.
     """
@@ -366,8 +371,7 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
     before = _logits_divergence(student, teacher, loader_fn)
     if before is None:
         return {"block": name, "steps": 0, "note": "the model does not output class logits"}
-    frozen = {id(p) for path in protected for p in student.get_submodule(path).parameters()}
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
+    params = _tunable(student, student, protected)
     snapshot = copy.deepcopy(student.state_dict())
     opt = torch.optim.Adam(params, lr=options.final_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.final_steps))
