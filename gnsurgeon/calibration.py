@@ -56,7 +56,7 @@ class CalibrationOptions:
     samples: int = 256
     holdout: float = 0.2
     batch_size: int = 32
-    method: str = "block"  # "layer" (closed form only) or "block" (closed form, then per-block)
+    method: str = "block"  # "layer" (closed form only) or "block" (closed form, block tuning, end to end)
     block_steps: int = 150
     block_inner_steps: int = 1  # optimiser steps per computed batch (more is cheaper but fits worse)
     block_lr: float = 3e-3
