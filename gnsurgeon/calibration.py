@@ -141,20 +141,16 @@ def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
             yield images.to(device)
 
 
-def _capture_inputs(model: nn.Module, paths: list[str], x: torch.Tensor, stop_after: str | None = None) -> dict:
-    """Inputs (first positional arg, cloned) of the modules at ``paths`` for one forward of ``x``."""
+def _layer_input(model: nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
+    """The input (first positional arg, cloned) of the module at ``path``; the forward stops there."""
     captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for path in paths:
 
-        def hook(_m, args, path=path):
-            captured[path] = args[0].detach().clone()
-            if path == stop_after:
-                raise _Stop
+    def hook(_m, args):
+        captured["x"] = args[0].detach().clone()
+        raise _Stop
 
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    _forward_until_stop(model, x, handles)
-    return captured
+    _forward_until_stop(model, x, [model.get_submodule(path).register_forward_pre_hook(hook)])
+    return captured["x"]
 
 
 def _gn_pre_activation(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +175,8 @@ def _fit_layer(student, teacher, path: str, loader_fn, device) -> None:
     c = gn.num_channels
     sums = {k: torch.zeros(c, dtype=torch.float64, device=device) for k in ("z", "y", "zz", "zy", "n")}
     for x in loader_fn():
-        xs = _capture_inputs(student, [path], x, stop_after=path)[path]
-        xt = _capture_inputs(teacher, [path], x, stop_after=path)[path]
+        xs = _layer_input(student, path, x)
+        xt = _layer_input(teacher, path, x)
         z = _channels_last_flat(F.group_norm(xs, gn.num_groups, None, None, gn.eps))
         y = _channels_last_flat(_bn_pre_activation(bn, xt))
         sums["z"] += z.sum(1)
