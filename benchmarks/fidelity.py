@@ -1,6 +1,7 @@
 """Calibration fidelity on real data: BN teacher vs GN (γ/β copy) vs calibrated GN, in one run.
 
     .venv/bin/python benchmarks/fidelity.py [--archs resnet18 mobilenetv3_small_100] [--data bench-data/digits]
+        [--policies G=32 C/G=16] [--threads 2] [--final-lr 1e-3] [--no-augment]
 
 Teachers are timm BN models trained on scikit-learn's digits (32×32; cached under --data, see
 digits.py). Each is converted at G=32 and at 16 channels per group, then calibrated on 256 training
@@ -35,14 +36,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=150, help="block reconstruction steps per block")
     parser.add_argument("--final-steps", type=int, default=300, help="end-to-end logits-matching steps")
+    parser.add_argument("--final-lr", type=float, default=CalibrationOptions.final_lr, help="end-to-end lr")
+    parser.add_argument("--no-augment", action="store_true", help="end-to-end pass with mixup only (ablation)")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train_dir, val_dir = write_digits(args.data)
     x_val, y_val = load_tensors(val_dir)
     print(
         f"digits 32x32, {len(y_val)} val images; calibration: {args.samples} train images (20% held out for "
-        f"the agreement metric), {args.steps} steps/block + {args.final_steps} end-to-end steps; "
-        f"torch {torch.__version__}, CPU\n"
+        f"the agreement metric), {args.steps} steps/block + {args.final_steps} end-to-end steps at lr "
+        f"{args.final_lr:g}{' (mixup only)' if args.no_augment else ''}; torch {torch.__version__}, CPU, "
+        f"{args.threads} threads\n"
     )
     print(
         "| model | policy | teacher (BN) | GN, γ/β copy | GN, layer fit | GN, calibrated | calibrated / teacher "
@@ -57,7 +63,8 @@ def main() -> None:
         teacher.load_state_dict(read_state_dict(weights))
         teacher.eval()
         teacher_top1 = top1(teacher, x_val, y_val)
-        for name, policy in POLICIES.items():
+        for name in args.policies:
+            policy = POLICIES[name]
             plan = gnsurgeon.make_plan(teacher, policy)
             student = gnsurgeon.apply_plan(teacher, plan).eval()
             results = {}
@@ -69,6 +76,8 @@ def main() -> None:
                     method=method,
                     block_steps=args.steps,
                     final_steps=args.final_steps,
+                    final_lr=args.final_lr,
+                    final_augment=not args.no_augment,
                 )
                 calibrated, _ = calibrate(teacher, student, plan, DIGITS_CONFIG, options)
                 results[method] = (top1(calibrated, x_val, y_val), time.perf_counter() - start)
