@@ -42,8 +42,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform
+from .devices import resolve_device
 from .errors import GNSurgeonError
 from .layers import frozen_affine_params
+from .metrics import kl_divergence
 from .plan import Plan
 from .sources import DataConfig
 
@@ -69,13 +71,7 @@ class CalibrationOptions:
     device: str = "auto"  # "auto": CUDA when present, else CPU
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            message = f"calibration device {self.device!r} is not a torch device (auto, cpu, cuda:0)"
-            raise GNSurgeonError(message) from None
+        return resolve_device(self.device, "--calib-device")
 
     def check(self) -> None:
         if self.method not in ("layer", "block"):
@@ -84,8 +80,7 @@ class CalibrationOptions:
             raise GNSurgeonError("--calib-samples must be at least 2")
         if not 0 <= self.holdout < 1:
             raise GNSurgeonError("the calibration hold-out fraction must be in [0, 1)")
-        if self.torch_device().type == "cuda" and not torch.cuda.is_available():
-            raise GNSurgeonError(f"calibration device {self.device} was asked for but CUDA is not available")
+        self.torch_device()
         if self.block_steps < 0 or self.final_steps < 0:
             raise GNSurgeonError("--calib-steps and --calib-final-steps must be 0 or more")
 
@@ -322,13 +317,9 @@ def _logits_divergence(student, teacher, loader_fn) -> float | None:
             out, target = class_scores(student(x)), class_scores(teacher(x))
             if out is None or target is None:
                 return None
-            total += _kl(out, target).item() * len(x)
+            total += kl_divergence(out, target).item() * len(x)
             count += len(x)
     return total / count if count else None
-
-
-def _kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), reduction="batchmean", log_target=True)
 
 
 def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Generator) -> torch.Tensor:
@@ -379,7 +370,7 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
             x = _distinct_inputs(x, options, gen)
             with torch.no_grad():
                 target = class_scores(teacher(x))
-            loss = _kl(class_scores(student(x)), target)
+            loss = kl_divergence(class_scores(student(x)), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

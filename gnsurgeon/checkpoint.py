@@ -16,8 +16,6 @@ source spec, replays the plan and loads the tensors, with no network access.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 from . import __version__
 from .errors import GNSurgeonError
+from .files import check_output, write_atomically
 from .layers import norm_kind
 from .plan import Plan
 from .sources import DataConfig, SourceSpec, build_model, load_state_dict_strict
@@ -47,40 +46,17 @@ class CheckpointInfo:
     written_by: str = ""
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise GNSurgeonError(f"output directory {directory} does not exist")
-    try:
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise GNSurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
+def history_entry(stage: str, **fields) -> dict:
+    """One record of what was done to the weights, for ``gnsurgeon.history``: the stage, the
+    gnsurgeon that did it and when (UTC), then the stage's own fields in the order given."""
+    import time
 
-
-def write_atomically(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
-
-    A crash or error leaves whatever was at ``path`` before untouched.
-    """
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise GNSurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+    return {
+        "stage": stage,
+        "gnsurgeon_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+    }
 
 
 def save(
@@ -99,9 +75,7 @@ def save(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise GNSurgeonError(f"output {path} must end in .safetensors")
+    path = check_output(path, ".safetensors")
     # Clone so no two entries share storage (safetensors refuses aliasing, e.g. tied weights).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {
@@ -167,14 +141,14 @@ def _restore_frozen_kinds(model: nn.Module, plan: Plan) -> nn.Module:
     weights; swap them back so the rebuilt model behaves like the one that was saved."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from .surgery import _set_submodule
+    from .surgery import replace_module
 
     for lp in plan:
         if lp.action != "keep" or lp.kind != "FrozenBatchNorm2d":
             continue
         module = model.get_submodule(lp.path)
         if norm_kind(module).name == "BatchNorm2d":
-            _set_submodule(model, lp.path, FrozenBatchNorm2d(lp.channels, eps=lp.eps))
+            replace_module(model, lp.path, FrozenBatchNorm2d(lp.channels, eps=lp.eps))
     return model
 
 

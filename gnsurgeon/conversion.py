@@ -17,8 +17,9 @@ from torch import nn
 
 from . import __version__
 from .calibration import CalibrationOptions, calibrate
-from .checkpoint import is_checkpoint, load, read_checkpoint, save
+from .checkpoint import history_entry, is_checkpoint, load, read_checkpoint, save
 from .errors import GNSurgeonError
+from .files import check_output
 from .fold import compare_freeze_fold, plan_folds
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
 from .probe import make_probe_input, run_probe
@@ -243,11 +244,7 @@ def convert_source(
     if not dry_run:
         if output is None:
             raise GNSurgeonError("an output file is required (-o OUT.safetensors), or use --dry-run")
-        output = Path(output)
-        if output.suffix != ".safetensors":
-            raise GNSurgeonError(f"output {output} must end in .safetensors")
-        if not output.parent.is_dir():
-            raise GNSurgeonError(f"output directory {output.parent} does not exist")
+        output = check_output(output, ".safetensors")
     opened = open_source(source, options)
     start = time.perf_counter()
     delta = make_plan(opened.model, policy, selection)
@@ -285,23 +282,21 @@ def convert_source(
             report.fold_check = compare_freeze_fold(opened.model, converted, delta, example)
         timings["probe"] = round(time.perf_counter() - start, 4)
     history = opened.history + [
-        {
-            "stage": "convert",
-            "gnsurgeon_version": __version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": str(source),
-            "weights": options.weights,
-            "pretrained": options.pretrained,
-            "options": delta.options,
-            "converted": len(delta.with_action("gn")),
-            "frozen": len(delta.with_action("frozen")),
-            "folded": len(delta.with_action("folded")),
-            "calibration": (
+        history_entry(
+            "convert",
+            source=str(source),
+            weights=options.weights,
+            pretrained=options.pretrained,
+            options=delta.options,
+            converted=len(delta.with_action("gn")),
+            frozen=len(delta.with_action("frozen")),
+            folded=len(delta.with_action("folded")),
+            calibration=(
                 {k: report.calibration[k] for k in ("method", "samples", "holdout", "before", "after", "seconds")}
                 if report.calibration
                 else None
             ),
-        }
+        )
     ]
     start = time.perf_counter()
     save(output, converted, plan, source=opened.spec, data_config=opened.data_config, history=history)

@@ -40,9 +40,12 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import __version__
-from .checkpoint import load, read_checkpoint, save, write_atomically
+from .checkpoint import history_entry, load, read_checkpoint, save
 from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform, train_transform
+from .devices import resolve_device
 from .errors import GNSurgeonError, VerificationError
+from .files import check_output, write_atomically
+from .metrics import kl_divergence
 from .recipes import options_from_mapping
 
 STATE_FORMAT = 1
@@ -264,24 +267,13 @@ class _Dist:
             dist.barrier()
 
 
-def _resolve_device(name: str, local_rank: int | None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GNSurgeonError(f"--device {name} but no CUDA device is available (use --device cpu)")
-        if local_rank is not None:  # torchrun: one GPU per local process
-            return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def _setup_processes(device: str) -> _Dist:
     """Join the torchrun job when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); else run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return _Dist(device=_resolve_device(device, None))
+        return _Dist(device=resolve_device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = _resolve_device(device, local_rank)
+    resolved = resolve_device(device, local_rank=local_rank)
     owns = False
     if not dist.is_initialized():
         if resolved.type == "cuda":
@@ -437,17 +429,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's KD: KL(teacher || student) of the softened distributions, times T² (so gradients
-    keep their scale as T changes)."""
-    t = temperature
-    return (
-        F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean")
-        * t
-        * t
-    )
-
-
 # ----------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(
@@ -580,12 +561,7 @@ class _Metrics:
 
 # ------------------------------------------------------------------------------------- the run
 def _open_output(output: str | Path) -> Path:
-    output = Path(output)
-    if output.suffix != ".safetensors":
-        raise GNSurgeonError(f"output {output} must end in .safetensors")
-    if not output.parent.is_dir():
-        raise GNSurgeonError(f"output directory {output.parent} does not exist")
-    return output
+    return check_output(output, ".safetensors")
 
 
 def _converted_from(info) -> tuple[str, str | None, bool]:
@@ -1000,7 +976,7 @@ class _Run:
         ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if self.labeled else zero
         kd = zero
         if teacher_logits is not None:
-            kd = distillation_loss(logits, teacher_logits.float(), o.kd_temperature)
+            kd = kl_divergence(logits, teacher_logits.float(), o.kd_temperature)
         loss = ce + o.kd_weight * kd
         self.scaler.scale(loss * (weight / o.grad_accum)).backward()
         return torch.stack([loss.detach(), ce.detach(), kd.detach()]).double() * weight, n
@@ -1060,21 +1036,19 @@ class _Run:
         return merged.to_dict()
 
     def _save_output(self, report: FinetuneReport) -> None:
-        entry = {
-            "stage": "finetune",
-            "gnsurgeon_version": __version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "checkpoint": str(self.checkpoint),
-            "data": self.options.data,
-            "val": self.options.val,
-            "settings": self.settings,
-            "steps": report.steps,
-            "resumed_from": report.resumed_from,
-            "before": report.before,
-            "after": report.after,
-            "teacher": report.teacher_eval,
-            "final_loss": report.final_loss,
-        }
+        entry = history_entry(
+            "finetune",
+            checkpoint=str(self.checkpoint),
+            data=self.options.data,
+            val=self.options.val,
+            settings=self.settings,
+            steps=report.steps,
+            resumed_from=report.resumed_from,
+            before=report.before,
+            after=report.after,
+            teacher=report.teacher_eval,
+            final_loss=report.final_loss,
+        )
         save(
             self.output,
             self.module,
@@ -1107,7 +1081,6 @@ __all__ = [
     "FinetuneOptions",
     "FinetuneReport",
     "NonFiniteLossError",
-    "distillation_loss",
     "evaluate",
     "finetune",
     "param_groups",

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from .errors import GNSurgeonError
 from .graph import observe_layer_inputs
 from .layers import frozen_affine_params, fused_act_modules
+from .metrics import max_errors
 from .plan import LayerPlan, Plan
 from .probe import flatten_outputs
 
@@ -168,12 +169,6 @@ def _capture(model: nn.Module, paths: list[str], example) -> tuple[dict[str, tor
     return outputs, final
 
 
-def _errors(ref: torch.Tensor, out: torch.Tensor) -> dict:
-    diff = (ref.double() - out.double()).abs().max().item() if ref.numel() else 0.0
-    scale = ref.double().abs().max().item() if ref.numel() else 0.0
-    return {"max_abs": diff, "max_rel": diff / scale if scale > 0 else diff}
-
-
 def compare_freeze_fold(model: nn.Module, converted: nn.Module, plan: Plan, example, rtol: float = FOLD_RTOL) -> dict:
     """Compare ``converted`` with ``model`` where only GN was applied (BN kept, eval mode).
 
@@ -194,11 +189,11 @@ def compare_freeze_fold(model: nn.Module, converted: nn.Module, plan: Plan, exam
     layers = {}
     for lp in touched:
         if lp.path in ref_layers and lp.path in new_layers:
-            layers[lp.path] = {"action": lp.action, **_errors(ref_layers[lp.path], new_layers[lp.path])}
+            layers[lp.path] = {"action": lp.action, **max_errors(ref_layers[lp.path], new_layers[lp.path])}
     ref_flat, new_flat = flatten_outputs(ref_out), flatten_outputs(new_out)
     output = None
     if [(n, t.shape) for n, t in ref_flat] == [(n, t.shape) for n, t in new_flat]:
-        errs = [_errors(a, b) for (_, a), (_, b) in zip(ref_flat, new_flat, strict=True) if a.is_floating_point()]
+        errs = [max_errors(a, b) for (_, a), (_, b) in zip(ref_flat, new_flat, strict=True) if a.is_floating_point()]
         if errs:
             output = {k: max(e[k] for e in errs) for k in ("max_abs", "max_rel")}
     bad = [p for p, e in layers.items() if e["max_rel"] > rtol]

@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import write_atomically
 from .errors import GNSurgeonError, VerificationError
+from .files import check_output, write_atomically
 from .fold import fold_into_producer, plan_folds
 from .layers import FrozenBNAffine
 from .onnx_verify import VerifyOptions, VerifyReport, _first_line, _require_tensor_task, verify_model
 from .plan import LayerPlan, Plan, Selection
 from .probe import make_probe_input
-from .surgery import _module_paths, _set_submodule, apply_plan, make_plan
+from .surgery import apply_plan, make_plan, module_paths, replace_module
 
 GN_OPS = ("decomposed", "native")
 MIN_OPSET = 18  # torch.onnx's dynamo exporter starts at 18
@@ -150,14 +150,14 @@ def fold_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
         ]
     )
     decided = plan_folds(prepared, entries, example)
-    _, aliases = _module_paths(prepared)
+    _, aliases = module_paths(prepared)
     rows = []
     for lp in decided:
         if lp.action == "folded":
             module = prepared.get_submodule(lp.path)
             replacement = fold_into_producer(prepared, lp, _frozen_shim(module))
             for path in aliases[id(module)]:
-                _set_submodule(prepared, path, replacement)
+                replace_module(prepared, path, replacement)
         rows.append({"path": lp.path, "action": lp.action, "producer": lp.producer, "note": lp.note})
     return prepared.eval(), rows
 
@@ -285,11 +285,7 @@ def export_onnx(
 
     options = options or ExportOptions()
     opset = options.resolved_opset()
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise GNSurgeonError(f"output {output} must end in .onnx")
-    if not output.parent.is_dir():
-        raise GNSurgeonError(f"output directory {output.parent} does not exist")
+    output = check_output(output, ".onnx")
     start = time.perf_counter()
     opened = open_source(source, source_options or ConvertOptions())
     _require_tensor_task(opened.data_config, source)

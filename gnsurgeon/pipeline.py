@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import read_checkpoint, write_text_atomically
+from .checkpoint import read_checkpoint
 from .conversion import ConvertOptions, convert_source
 from .errors import GNSurgeonError, VerificationError
+from .files import write_text_atomically
 from .recipes import check_section_keys, read_recipe
 
 # Keys of the recipe's ``export`` section: ExportOptions fields, then VerifyOptions fields.

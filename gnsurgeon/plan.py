@@ -30,10 +30,28 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 
 from .errors import GNSurgeonError
 
-ACTIONS = ("gn", "frozen", "folded", "keep")
+
+class Action(str, Enum):
+    """What happens to one normalization layer.
+
+    A ``str`` enum: ``Action.GN == "gn"``, and JSON (the checkpoint's plan, ``--json`` reports)
+    stores the bare value, so the checkpoint format is unchanged by the type.
+    """
+
+    GN = "gn"  # replaced by GroupNorm (timm GroupNormAct when the BN carried an activation)
+    FROZEN = "frozen"  # BN*: a fixed per-channel affine from the running statistics
+    FOLDED = "folded"  # BN* merged into the conv/linear that produces its input
+    KEEP = "keep"  # left as it is (skipped, not selected, or opt-in kinds)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -121,12 +139,20 @@ class LayerPlan:
     channels: int
     eps: float
     affine: bool
-    action: str = "keep"
+    action: Action = Action.KEEP
     groups: int | None = None
     rule: str = ""
     note: str = ""
     act: str = ""
     producer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            try:
+                self.action = Action(self.action)
+            except ValueError:
+                known = ", ".join(a.value for a in Action)
+                raise GNSurgeonError(f"plan entry {self.path!r}: unknown action {self.action!r} ({known})") from None
 
     @property
     def channels_per_group(self) -> int | None:
@@ -153,7 +179,7 @@ class Plan:
     def by_path(self) -> dict[str, LayerPlan]:
         return {lp.path: lp for lp in self.layers}
 
-    def with_action(self, *actions: str) -> list[LayerPlan]:
+    def with_action(self, *actions: Action | str) -> list[LayerPlan]:
         return [lp for lp in self.layers if lp.action in actions]
 
     def summary(self) -> dict:
@@ -161,7 +187,7 @@ class Plan:
         gn = self.with_action("gn")
         return {
             "layers": len(self.layers),
-            "actions": dict(Counter(lp.action for lp in self.layers)),
+            "actions": dict(Counter(lp.action.value for lp in self.layers)),
             "converted_by_kind": dict(Counter(lp.kind for lp in gn)),
             "groups_histogram": {str(g): n for g, n in sorted(Counter(lp.groups for lp in gn).items())},
             "fallbacks": [{"path": lp.path, "note": lp.note} for lp in gn if lp.note],
@@ -170,7 +196,8 @@ class Plan:
         }
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(lp) for lp in self.layers], "options": self.options}
+        layers = [{**asdict(lp), "action": lp.action.value} for lp in self.layers]
+        return {"layers": layers, "options": self.options}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -210,14 +237,14 @@ class Selection:
     include_1d: bool = False
     freeze: Sequence[str] = ()
 
-    def action_for(self, path: str, kind: str) -> tuple[str, str]:
+    def action_for(self, path: str, kind: str) -> tuple[Action, str]:
         """``(action, note)`` for a layer: ``keep`` with the reason, ``frozen`` or ``gn``."""
         if matches(path, self.skip):
-            return "keep", "matched by --skip"
+            return Action.KEEP, "matched by --skip"
         if matches(path, self.freeze):
-            return "frozen", ""
+            return Action.FROZEN, ""
         if self.only and not matches(path, self.only):
-            return "keep", "not matched by --only"
+            return Action.KEEP, "not matched by --only"
         if kind == "BatchNorm1d" and not self.include_1d:
-            return "keep", "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
-        return "gn", ""
+            return Action.KEEP, "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
+        return Action.GN, ""

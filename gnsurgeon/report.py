@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .checkpoint import write_text_atomically
+from .files import write_text_atomically
 from .plan import Plan
 
 # Wide enough for the plan table when output is piped (rich falls back to 80 columns).

@@ -105,7 +105,8 @@ def _build_replacement(lp: LayerPlan, module: nn.Module, model: nn.Module) -> nn
     raise GNSurgeonError(f"layer {lp.path}: unknown action {lp.action!r}")
 
 
-def _module_paths(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
+def module_paths(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list[str]]]:
+    """``({path: module}, {id(module): [every path it is registered under]})``, shared modules included."""
     by_path, aliases = {}, defaultdict(list)
     for path, module in model.named_modules(remove_duplicate=False):
         by_path[path] = module
@@ -113,7 +114,9 @@ def _module_paths(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, lis
     return by_path, aliases
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` of ``root`` (in place), or raise a one-sentence error naming the layer
+    when its parent refuses or silently drops the assignment (ScriptModules, exotic containers)."""
     parent_path, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     try:
@@ -140,7 +143,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             raise GNSurgeonError(
                 f"the model cannot be copied ({exc}); gnsurgeon never edits its input in place"
             ) from None
-    by_path, aliases = _module_paths(model)
+    by_path, aliases = module_paths(model)
     for lp in plan:
         if lp.action == "keep":
             continue
@@ -157,7 +160,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             )
         new = _build_replacement(lp, module, model)
         for path in aliases[id(module)]:
-            _set_submodule(model, path, new)
+            replace_module(model, path, new)
     return model
 
 
