@@ -15,3 +15,10 @@ class VerificationError(GNSurgeonError):
 
     The CLI exits with code 1 for these: the input was fine, the result is not trustworthy.
     """
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none): what a
+    one-sentence error quotes from a library's multi-line message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

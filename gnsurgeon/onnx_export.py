@@ -36,7 +36,7 @@ from .errors import GNSurgeonError, VerificationError
 from .files import check_output, write_atomically
 from .fold import fold_into_producer, plan_folds
 from .layers import FrozenBNAffine
-from .onnx_verify import VerifyOptions, VerifyReport, _first_line, _require_tensor_task, verify_model
+from .onnx_verify import VerifyOptions, VerifyReport, _require_tensor_task, onnxruntime_message, verify_model
 from .plan import LayerPlan, Plan, Selection
 from .probe import make_probe_input
 from .surgery import apply_plan, make_plan, module_paths, replace_module
@@ -239,7 +239,8 @@ def export_model(
                 verbose=False,
             )
     except Exception as exc:  # torch.export / onnxscript raise many types
-        raise GNSurgeonError(f"torch.onnx could not export the model at opset {opset}: {_first_line(exc)}") from None
+        reason = onnxruntime_message(exc)
+        raise GNSurgeonError(f"torch.onnx could not export the model at opset {opset}: {reason}") from None
     proto = program.model_proto
     for node in proto.graph.node:
         keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
@@ -254,7 +255,7 @@ def _check_graph(proto, gn_op: str, group_norms: int) -> tuple[str, dict]:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        raise VerificationError(f"the exported model fails onnx.checker: {_first_line(exc)}") from None
+        raise VerificationError(f"the exported model fails onnx.checker: {onnxruntime_message(exc)}") from None
     counts = Counter(n.op_type for n in proto.graph.node)
     if counts.get("BatchNormalization"):
         raise VerificationError(
@@ -329,7 +330,7 @@ def export_onnx(
         try:
             write_atomically(output, lambda tmp: onnx.save_model(proto, tmp))
         except ValueError as exc:  # protobuf's 2 GB limit
-            raise GNSurgeonError(f"cannot write {output}: {_first_line(exc)}") from None
+            raise GNSurgeonError(f"cannot write {output}: {onnxruntime_message(exc)}") from None
         report.written = True
         timings["save"] = round(time.perf_counter() - start, 3)
     return report

@@ -475,8 +475,9 @@ def _session(model_or_path, threads: int = 0):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _first_line(exc: BaseException) -> str:
-    """The informative part of an exception message (onnxruntime's: after "Status Message:")."""
+def onnxruntime_message(exc: BaseException) -> str:
+    """The informative part of an onnx/onnxruntime exception message: after "Status Message:", without
+    the C++ source location, last line (where onnxruntime puts the reason)."""
     text = str(exc).strip()
     if "Status Message:" in text:
         text = text.split("Status Message:", 1)[1]
@@ -561,7 +562,7 @@ def _check_model(session, input_name: str, refs: list[np.ndarray], name: str, x:
     try:
         outs = session.run(None, {input_name: x.numpy()})
     except Exception as exc:  # onnxruntime raises its own exception types
-        row.update(ok=False, problem=f"onnxruntime failed: {_first_line(exc)}")
+        row.update(ok=False, problem=f"onnxruntime failed: {onnxruntime_message(exc)}")
         return row
     if len(outs) != len(refs):
         row.update(ok=False, problem=f"{len(outs)} ONNX outputs, PyTorch returns {len(refs)}")
@@ -632,7 +633,7 @@ def _check_layer(graph: _Graph, sub: GNSubgraph, module: nn.GroupNorm, cases: di
     try:
         session = _session(extract_subgraph(graph.model, sub, first.dim(), graph))
     except Exception as exc:  # onnxruntime raises its own exception types
-        row["problems"].append(f"its subgraph does not load in onnxruntime: {_first_line(exc)}")
+        row["problems"].append(f"its subgraph does not load in onnxruntime: {onnxruntime_message(exc)}")
         row["ok"] = False
         return row
     group_size = first[0].numel() // module.num_groups
@@ -644,7 +645,7 @@ def _check_layer(graph: _Graph, sub: GNSubgraph, module: nn.GroupNorm, cases: di
         try:
             out = session.run(None, {sub.entry: x.numpy()})[0]
         except Exception as exc:
-            row["cases"][name] = {"ok": False, "problem": f"onnxruntime failed: {_first_line(exc)}", "kappa": k}
+            row["cases"][name] = {"ok": False, "problem": f"onnxruntime failed: {onnxruntime_message(exc)}", "kappa": k}
             continue
         result = compare(out, ref, k * math.sqrt(group_size), opts.atol, opts.rtol)
         result["kappa"] = k
@@ -691,8 +692,8 @@ def verify_model(
         onnx.checker.check_model(onnx_file if onnx_file else model, full_check=True)
         report.checker = "passed (full check)"
     except Exception as exc:  # ValidationError, InferenceError, ...
-        report.checker = f"failed: {_first_line(exc)}"
-        report.failures.append(f"onnx.checker rejects the model: {_first_line(exc)}")
+        report.checker = f"failed: {onnxruntime_message(exc)}"
+        report.failures.append(f"onnx.checker rejects the model: {onnxruntime_message(exc)}")
     input_name, dims = _onnx_input(model)
     report.dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
     shape = _input_shape(dims, config, report)
@@ -700,7 +701,7 @@ def verify_model(
     try:
         session = _session(onnx_file if onnx_file else model)
     except Exception as exc:
-        raise GNSurgeonError(f"onnxruntime cannot load the ONNX model: {_first_line(exc)}") from None
+        raise GNSurgeonError(f"onnxruntime cannot load the ONNX model: {onnxruntime_message(exc)}") from None
     report.timings["load"] = round(time.perf_counter() - start, 3)
 
     start = time.perf_counter()
@@ -786,7 +787,7 @@ def verify_onnx(
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # DecodeError, OSError, missing external data
-        raise GNSurgeonError(f"cannot read ONNX file {path}: {_first_line(exc)}") from None
+        raise GNSurgeonError(f"cannot read ONNX file {path}: {onnxruntime_message(exc)}") from None
     opened = open_source(source, source_options or ConvertOptions())
     _require_tensor_task(opened.data_config, source)
     return verify_model(model, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))

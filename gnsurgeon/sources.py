@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import GNSurgeonError
+from .errors import GNSurgeonError, first_line
 
 LIBRARIES = ("timm", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,9 +169,9 @@ def build_model(spec: SourceSpec, *, pretrained: bool | None = None) -> nn.Modul
                 f"could not fetch pretrained weights for {spec} (offline, or not in the local cache); "
                 "download them on a connected machine and pass --weights FILE"
             ) from None
-        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {_first_line(exc)}") from None
+        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
     except (TypeError, ValueError, AssertionError, KeyError) as exc:
-        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {_first_line(exc)}") from None
+        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
 
 
 def _looks_offline(exc: BaseException) -> bool:
@@ -179,11 +179,6 @@ def _looks_offline(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or any(
         s in text for s in ("connection", "urlopen", "offline", "resolve", "hub", "network")
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def data_config_for(spec: SourceSpec, model: nn.Module) -> DataConfig:
@@ -243,13 +238,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise GNSurgeonError(
-                f"cannot read weights file {path}: not a valid safetensors file ({_first_line(exc)})"
+                f"cannot read weights file {path}: not a valid safetensors file ({first_line(exc)})"
             ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, unsafe globals...
         raise GNSurgeonError(
-            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({_first_line(exc)})"
+            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({first_line(exc)})"
         ) from None
     return _unwrap_state_dict(obj, path)
 
