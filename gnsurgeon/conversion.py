@@ -18,11 +18,12 @@ from torch import nn
 from . import __version__
 from .calibration import CalibrationOptions, calibrate
 from .checkpoint import history_entry, is_checkpoint, load, read_checkpoint, save
+from .checks import compare_freeze_fold, run_probe
 from .errors import GNSurgeonError
 from .files import check_output
-from .fold import compare_freeze_fold, plan_folds
+from .fold import plan_folds
 from .plan import GroupPolicy, LayerPlan, Plan, Selection
-from .probe import make_probe_input, run_probe
+from .probe import make_probe_input
 from .recipes import options_from_mapping
 from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
 from .surgery import apply_plan, make_plan

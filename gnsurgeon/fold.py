@@ -3,9 +3,16 @@
 BN* is ``y = a·x + b`` per channel. When ``x = W * u + c`` comes straight from a conv or linear
 layer whose output nothing else reads, ``y = (a·W) * u + (a·c + b)``: scale each output channel's
 weights by ``a`` and the bias likewise. :func:`plan_folds` decides where that holds, from an observed
-forward pass (:mod:`gnsurgeon.graph`), and writes the reason into the plan where it does not;
-:func:`fold_into_producer` does the arithmetic (float64, then cast back). Nothing is guessed: a layer
-whose producer cannot be established stays BN*.
+forward pass (:mod:`gnsurgeon.graph`), and writes the reason into the plan where it does not.
+The arithmetic is split as in torch's ``torch/nn/utils/fusion.py``: :func:`fold_affine_weights`
+works on tensors only (float64, then cast back; its inputs are never changed), and
+:func:`fold_into_producer` is the thin module-level wrapper that finds the producer, refuses what
+is not exact and writes the folded tensors into it. Nothing is guessed: a layer whose producer
+cannot be established stays BN*. Whether a folded model still computes the original function is
+checked in :mod:`gnsurgeon.checks`, which imports this module (never the other way round).
+
+Stage: plan refinement and the fold arithmetic that :func:`gnsurgeon.surgery.apply_plan` calls.
+It imports: errors, graph, layers, plan (never surgery or checks, which import it).
 """
 
 from __future__ import annotations
@@ -13,31 +20,19 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import GNSurgeonError
 from .graph import observe_layer_inputs
 from .layers import frozen_affine_params, fused_act_modules
-from .metrics import max_errors
-from .plan import LayerPlan, Plan
-from .probe import flatten_outputs
+from .plan import Action, LayerPlan, Plan
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-
-def _plain_forwards() -> set:
-    forwards = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
-    try:  # timm's TF-"SAME" conv pads its input, then runs a plain conv: still linear in the weights
-        from timm.layers import Conv2dSame
-
-        forwards.add(Conv2dSame.forward)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return forwards
-
-
-_PLAIN_FORWARDS = _plain_forwards()
+# Forwards that are linear in the weights; timm's TF-"SAME" conv pads its input, then runs a plain conv.
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward, Conv2dSame.forward}
 
 
 def unfoldable_reason(producer: nn.Module, channels: int, input_ndim: int) -> str:
@@ -73,7 +68,7 @@ def plan_folds(model: nn.Module, plan: Plan, example) -> Plan:
     ``model`` is the model the plan applies to (before surgery); ``example`` a probe input. Layers
     that stay ``frozen`` get the reason in their note.
     """
-    frozen = [lp.path for lp in plan if lp.action == "frozen"]
+    frozen = [lp.path for lp in plan if lp.action == Action.FROZEN]
     if not frozen:
         return plan
     seen, calls = observe_layer_inputs(model, example, frozen)
@@ -81,7 +76,7 @@ def plan_folds(model: nn.Module, plan: Plan, example) -> Plan:
     claimed: set[str] = set()
     layers = []
     for lp in plan:
-        if lp.action != "frozen":
+        if lp.action != Action.FROZEN:
             layers.append(lp)
             continue
         info = seen[lp.path]
@@ -107,13 +102,48 @@ def plan_folds(model: nn.Module, plan: Plan, example) -> Plan:
             layers.append(dataclasses.replace(lp, note=reason, producer=None))
         else:
             claimed.add(info.producer)
-            layers.append(dataclasses.replace(lp, action="folded", note="", producer=info.producer))
+            layers.append(dataclasses.replace(lp, action=Action.FOLDED, note="", producer=info.producer))
     return Plan(layers=layers, options={**plan.options, "fold": True})
+
+
+def fold_affine_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    out_dim: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight', bias')`` of a conv/linear followed by the per-channel affine ``y = scale·x + shift``:
+    ``weight' = scale·weight`` along ``out_dim`` (the output-channel axis, 0 for conv/linear),
+    ``bias' = scale·bias + shift`` (``bias`` None counts as zeros).
+
+    Computed in float64 and cast back, so a fold adds one rounding of its own and no more: the new
+    weight has ``weight``'s dtype, the new bias ``bias``'s (``weight``'s when there was none). New
+    tensors on ``weight``'s device; no input is changed.
+    """
+    if not -weight.dim() <= out_dim < weight.dim():
+        raise GNSurgeonError(f"out_dim {out_dim} is not an axis of a {weight.dim()}-d weight")
+    channels = weight.shape[out_dim]
+    for name, t in (("scale", scale), ("shift", shift), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise GNSurgeonError(f"{name} has shape {tuple(t.shape)}, the weight {channels} output channels")
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    a, b = scale.to(weight.device, torch.float64), shift.to(weight.device, torch.float64)
+    with torch.no_grad():
+        new_weight = weight.detach().double() * a.view(shape)
+        old_bias = bias.detach().double() if bias is not None else torch.zeros_like(a)
+        new_bias = a * old_bias + b
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return new_weight.to(weight.dtype), new_bias.to(bias_dtype)
 
 
 def fold_into_producer(model: nn.Module, lp: LayerPlan, bn: nn.Module) -> nn.Module:
     """Merge ``bn``'s BN* affine into ``lp.producer`` (in ``model``, in place); return what replaces
-    ``bn``: its fused ``drop``/``act`` (or Identity). A conv without bias gains one."""
+    ``bn``: its fused ``drop``/``act`` (or Identity). A conv without bias gains one.
+
+    The producer keeps its parameter objects; only their values change (under ``no_grad``).
+    """
     if not lp.producer:
         raise GNSurgeonError(f"layer {lp.path} is planned as folded but names no producer")
     try:
@@ -123,85 +153,15 @@ def fold_into_producer(model: nn.Module, lp: LayerPlan, bn: nn.Module) -> nn.Mod
     reason = unfoldable_reason(producer, lp.channels, 2 if isinstance(producer, nn.Linear) else 4)
     if reason:
         raise GNSurgeonError(f"layer {lp.path} cannot fold into {lp.producer}: {reason}")
-    a, b = frozen_affine_params(bn)
-    weight = producer.weight
-    a, b = a.to(weight.device), b.to(weight.device)
+    scale, shift = frozen_affine_params(bn)
+    weight, bias = fold_affine_weights(producer.weight, producer.bias, scale, shift)
     with torch.no_grad():
-        w = weight.double() * a.view((-1,) + (1,) * (weight.dim() - 1))
-        bias = producer.bias.double() if producer.bias is not None else torch.zeros_like(a)
-        new_bias = a * bias + b
-        weight.copy_(w.to(weight.dtype))
+        producer.weight.copy_(weight)
         if producer.bias is None:
-            producer.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=weight.requires_grad)
+            producer.bias = nn.Parameter(bias, requires_grad=producer.weight.requires_grad)
         else:
-            producer.bias.copy_(new_bias.to(producer.bias.dtype))
+            producer.bias.copy_(bias)
     drop, act = fused_act_modules(bn)
     if isinstance(drop, nn.Identity):
         return act
     return nn.Sequential(drop, act)
-
-
-# Relative error (max |Δ| / max |reference|) that float32 rounding explains after folding: each fold
-# rounds W·a once (~6e-8 relative); through a deep network this stays well below 1e-5 (resnet50:
-# ~1e-6). Anything above 1e-4 means the folded model computes something else.
-FOLD_RTOL = 1e-4
-
-
-def _capture(model: nn.Module, paths: list[str], example) -> tuple[dict[str, torch.Tensor], object]:
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for path in paths:
-        module = model.get_submodule(path)
-
-        def hook(_module, _args, output, path=path):
-            outputs[path] = output.detach().clone()  # clone: later in-place ops must not change it
-
-        handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            final = model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return outputs, final
-
-
-def compare_freeze_fold(model: nn.Module, converted: nn.Module, plan: Plan, example, rtol: float = FOLD_RTOL) -> dict:
-    """Compare ``converted`` with ``model`` where only GN was applied (BN kept, eval mode).
-
-    Per frozen/folded layer and on the final output: max abs and max relative difference. Raises
-    :class:`VerificationError` naming the layers when any relative difference exceeds ``rtol``.
-    """
-    from .errors import VerificationError
-    from .surgery import apply_plan
-
-    touched = [lp for lp in plan if lp.action in ("frozen", "folded")]
-    reference_plan = Plan(
-        [dataclasses.replace(lp, action="keep") if lp in touched else lp for lp in plan], plan.options
-    )
-    reference = apply_plan(model, reference_plan)
-    paths = [lp.path for lp in touched]
-    ref_layers, ref_out = _capture(reference, paths, example)
-    new_layers, new_out = _capture(converted, paths, example)
-    layers = {}
-    for lp in touched:
-        if lp.path in ref_layers and lp.path in new_layers:
-            layers[lp.path] = {"action": lp.action, **max_errors(ref_layers[lp.path], new_layers[lp.path])}
-    ref_flat, new_flat = flatten_outputs(ref_out), flatten_outputs(new_out)
-    output = None
-    if [(n, t.shape) for n, t in ref_flat] == [(n, t.shape) for n, t in new_flat]:
-        errs = [max_errors(a, b) for (_, a), (_, b) in zip(ref_flat, new_flat, strict=True) if a.is_floating_point()]
-        if errs:
-            output = {k: max(e[k] for e in errs) for k in ("max_abs", "max_rel")}
-    bad = [p for p, e in layers.items() if e["max_rel"] > rtol]
-    if output is not None and output["max_rel"] > rtol:
-        bad.append("the model output")
-    result = {"rtol": rtol, "layers": layers, "output": output}
-    if bad:
-        raise VerificationError(
-            f"freeze/fold changed the model beyond float32 rounding (rtol {rtol:g}) at: {', '.join(bad[:5])}"
-        )
-    return result

@@ -5,6 +5,9 @@
 replaces modules on their parents (``setattr``), which works on models that FX cannot trace
 (detection models, timm nets with control flow). A module registered under several paths is
 replaced by one new module at all of them, so sharing is preserved.
+
+Stage: planning and surgery, the first stage. It imports: errors, fold (the fold arithmetic),
+layers, plan; checks, checkpoint and the stage runners import it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import GNSurgeonError
+from .fold import fold_into_producer
 from .layers import (
     describe_act,
     has_affine,
@@ -26,7 +30,7 @@ from .layers import (
     norm_kind,
     num_channels,
 )
-from .plan import GroupPolicy, LayerPlan, Plan, Selection
+from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 
 
 def _refuse_scripted(model: nn.Module) -> None:
@@ -67,13 +71,13 @@ def make_plan(
             act=describe_act(module),
         )
         lp.action, lp.note = selection.action_for(path, kind.name)
-        if lp.action == "gn":
+        if lp.action == Action.GN:
             try:
                 lp.groups, lp.note = policy.resolve(lp.channels)
             except GNSurgeonError as exc:
                 raise GNSurgeonError(f"layer {path}: {exc}") from None
             lp.rule = policy.rule
-        elif lp.action == "frozen" and not has_running_stats(module):
+        elif lp.action == Action.FROZEN and not has_running_stats(module):
             raise GNSurgeonError(f"layer {path} has no running statistics, so it cannot be frozen into BN*")
         layers.append(lp)
     options = {
@@ -94,13 +98,11 @@ def make_plan(
 
 
 def _build_replacement(lp: LayerPlan, module: nn.Module, model: nn.Module) -> nn.Module:
-    if lp.action == "gn":
+    if lp.action == Action.GN:
         return make_group_norm(module, lp.groups)
-    if lp.action == "frozen":
+    if lp.action == Action.FROZEN:
         return make_frozen_affine(module)
-    if lp.action == "folded":
-        from .fold import fold_into_producer
-
+    if lp.action == Action.FOLDED:
         return fold_into_producer(model, lp, module)
     raise GNSurgeonError(f"layer {lp.path}: unknown action {lp.action!r}")
 
@@ -145,7 +147,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
             ) from None
     by_path, aliases = module_paths(model)
     for lp in plan:
-        if lp.action == "keep":
+        if lp.action == Action.KEEP:
             continue
         module = by_path.get(lp.path)
         if module is None:

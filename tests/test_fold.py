@@ -11,8 +11,9 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gnsurgeon import Plan, Selection, apply_plan, load, make_plan, save
+from gnsurgeon.checks import compare_freeze_fold
 from gnsurgeon.errors import VerificationError
-from gnsurgeon.fold import compare_freeze_fold, plan_folds
+from gnsurgeon.fold import plan_folds
 from gnsurgeon.layers import FrozenBNAffine, make_frozen_affine, norm_kind
 from gnsurgeon.sources import SourceSpec, build_model
 
