@@ -11,11 +11,15 @@ Metadata keys (all strings, JSON where structured):
 
 Anyone can open the file with ``safetensors`` alone; :func:`load` rebuilds the architecture from the
 source spec, replays the plan and loads the tensors, with no network access.
+
+Stage: persistence, after any stage that changes weights. It imports: errors, files, layers, plan,
+sources, surgery (to replay the plan on load); stage runners (conversion, finetuning) import it.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +30,9 @@ from . import __version__
 from .errors import GNSurgeonError
 from .files import check_output, write_atomically
 from .layers import norm_kind
-from .plan import Plan
+from .plan import Action, Plan
 from .sources import DataConfig, SourceSpec, build_model, load_state_dict_strict
+from .surgery import apply_plan, replace_module
 
 FORMAT_VERSION = "1"
 _PREFIX = "gnsurgeon."
@@ -49,8 +54,6 @@ class CheckpointInfo:
 def history_entry(stage: str, **fields) -> dict:
     """One record of what was done to the weights, for ``gnsurgeon.history``: the stage, the
     gnsurgeon that did it and when (UTC), then the stage's own fields in the order given."""
-    import time
-
     return {
         "stage": stage,
         "gnsurgeon_version": __version__,
@@ -141,10 +144,8 @@ def _restore_frozen_kinds(model: nn.Module, plan: Plan) -> nn.Module:
     weights; swap them back so the rebuilt model behaves like the one that was saved."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from .surgery import replace_module
-
     for lp in plan:
-        if lp.action != "keep" or lp.kind != "FrozenBatchNorm2d":
+        if lp.action != Action.KEEP or lp.kind != "FrozenBatchNorm2d":
             continue
         module = model.get_submodule(lp.path)
         if norm_kind(module).name == "BatchNorm2d":
@@ -159,8 +160,6 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | torc
     ``source=None``; it is not modified.
     """
     from safetensors.torch import load_file
-
-    from .surgery import apply_plan
 
     info = read_checkpoint(path)
     if model is None:
