@@ -14,6 +14,11 @@ no call other than the layer itself read that tensor during the whole pass. That
 where folding is wrong: an output shared with a shortcut (pytorch#104593), a concat in between
 (DenseNet), an in-place activation, a producer called twice. Calls that return no tensor (``.shape``,
 ``.dim()``) are not reads. Everything is recorded on a copy of the model.
+
+The hooks here are not :func:`gnsurgeon.hooks.capture`'s: they record tensor identities on every
+module rather than cloned values at a few paths; their removal is :func:`gnsurgeon.hooks.registered`'s.
+
+Stage: observation for fold planning. It imports: hooks only; fold imports it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+
+from .hooks import registered
 
 
 @dataclass
@@ -119,12 +126,8 @@ def observe_layer_inputs(model: nn.Module, example, layer_paths: list[str]) -> t
         if path:
             handles.append(module.register_forward_pre_hook(pre_hook(path)))
             handles.append(module.register_forward_hook(post_hook(path), always_call=True))
-    try:
-        with torch.no_grad(), recorder:
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    with registered(handles), torch.no_grad(), recorder:
+        model(example)
     for path, info in inputs.items():
         if info.input_id is not None:
             info.other_readers = [r for r in recorder.readers.get(info.input_id, []) if r != path]
