@@ -6,6 +6,9 @@ handled on purpose: timm's ``BatchNormAct2d`` *is* a ``BatchNorm2d`` but also ap
 efficientnet_b0). Those layers become timm ``GroupNormAct`` with the original ``drop``/``act`` modules
 moved over. torchvision's ``FrozenBatchNorm2d`` is not a ``_BatchNorm`` at all (its weights are
 buffers) and is matched by its own type.
+
+Stage: the layer vocabulary that planning, surgery, folding and the checks share. It imports:
+errors only (and timm/torchvision for their layer types).
 """
 
 from __future__ import annotations

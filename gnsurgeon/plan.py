@@ -20,6 +20,8 @@ resolved per layer by one rule:
 
 Anything other than the exact policy value is a *fallback* and carries a note; ``strict`` turns a
 fallback into an error. ``groups=1`` asked explicitly is honoured as LayerNorm.
+
+Stage: data shared by every stage (no model in sight). It imports: errors only.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class LayerPlan:
 
     @property
     def is_fallback(self) -> bool:
-        return self.action == "gn" and bool(self.note)
+        return self.action == Action.GN and bool(self.note)
 
 
 @dataclass
@@ -184,15 +186,15 @@ class Plan:
 
     def summary(self) -> dict:
         """Counts that the CLI prints and the JSON report carries."""
-        gn = self.with_action("gn")
+        gn = self.with_action(Action.GN)
         return {
             "layers": len(self.layers),
             "actions": dict(Counter(lp.action.value for lp in self.layers)),
             "converted_by_kind": dict(Counter(lp.kind for lp in gn)),
             "groups_histogram": {str(g): n for g, n in sorted(Counter(lp.groups for lp in gn).items())},
             "fallbacks": [{"path": lp.path, "note": lp.note} for lp in gn if lp.note],
-            "kept": [{"path": lp.path, "note": lp.note} for lp in self.with_action("keep")],
-            "not_folded": [{"path": lp.path, "note": lp.note} for lp in self.with_action("frozen") if lp.note],
+            "kept": [{"path": lp.path, "note": lp.note} for lp in self.with_action(Action.KEEP)],
+            "not_folded": [{"path": lp.path, "note": lp.note} for lp in self.with_action(Action.FROZEN) if lp.note],
         }
 
     def to_dict(self) -> dict:
