@@ -26,6 +26,14 @@ undone when it did not lower the error: calibration never ends worse than the cl
 Passes 1 and 2 hold one batch of one layer's (block's) activations and stop right after the layer
 being fitted; pass 3 holds one training step of the model. No pass holds the dataset: batches are
 streamed. Everything is seeded: the same seed gives the same parameters.
+
+Each tuning step is split in two: getting the activations (:func:`_layer_input` for a layer fit,
+:func:`_block_batch` for a block: the student block's input, the original block's output) and
+fitting on them (:func:`_fit_layer` sums, :func:`_tune_block`), so that a source of cached block
+boundaries can feed the same tuner. Hooks and train/eval switches are :mod:`gnsurgeon.hooks`'.
+
+Stage: calibration, after surgery and before fine-tuning. It imports: data, devices, errors, hooks,
+layers, metrics, plan, sources (never surgery, fold or the checks: it gets both models ready-made).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +53,13 @@ from torch.utils.data import DataLoader, Subset
 from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform
 from .devices import resolve_device
 from .errors import GNSurgeonError
+from .hooks import capture, eval_mode
 from .layers import frozen_affine_params
 from .metrics import kl_divergence
-from .plan import Plan
+from .plan import Action, Plan
 from .sources import DataConfig
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -113,22 +125,6 @@ class CalibrationReport:
         }
 
 
-class _Stop(Exception):
-    """Raised by a hook once the activation we need is captured: the rest of the forward is skipped."""
-
-
-def _forward_until_stop(model: nn.Module, x: torch.Tensor, handles: list) -> None:
-    """Run ``model`` without gradients until a hook raises :class:`_Stop`; remove the hooks."""
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
     for images, _labels, bad in loader:
         broken.add(bad)
@@ -138,14 +134,7 @@ def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
 
 def _layer_input(model: nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
     """The input (first positional arg, cloned) of the module at ``path``; the forward stops there."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(_m, args):
-        captured["x"] = args[0].detach().clone()
-        raise _Stop
-
-    _forward_until_stop(model, x, [model.get_submodule(path).register_forward_pre_hook(hook)])
-    return captured["x"]
+    return capture(model, x, inputs=[path], stop_at=path).input(path)
 
 
 def _gn_pre_activation(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -213,32 +202,108 @@ def calibration_blocks(model: nn.Module, gn_paths: list[str], max_layers: int) -
     return list(blocks.items())
 
 
-def _block_output(model: nn.Module, block: str, x: torch.Tensor, with_input: bool) -> tuple:
-    """(block input args, block output) for one forward of ``x``, stopping after the block."""
-    store: dict = {}
-    module = model.get_submodule(block)
+@dataclass
+class _BlockBatch:
+    """What tuning a block needs from one batch of images: the arguments the student's block receives
+    (fed by the calibrated blocks before it), the original block's output on the same images, and
+    that output's variance, which makes the loss relative."""
 
-    def pre(_m, args, kwargs):
-        if with_input:
-            store["args"] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-            store["kwargs"] = kwargs
+    args: tuple
+    kwargs: dict
+    target: torch.Tensor
+    scale: torch.Tensor
 
-    def post(_m, _args, _kwargs, output):
-        store["out"] = output.detach().clone() if isinstance(output, torch.Tensor) else output
-        raise _Stop
 
-    handles = [
-        module.register_forward_pre_hook(pre, with_kwargs=True),
-        module.register_forward_hook(post, with_kwargs=True),
-    ]
-    _forward_until_stop(model, x, handles)
-    return store.get("args"), store.get("kwargs", {}), store.get("out")
+def _block_batch(student: nn.Module, teacher: nn.Module, block: str, x: torch.Tensor) -> _BlockBatch | None:
+    """The student block's input and the original block's output for ``x``; each forward stops at the
+    block. None when the block is not reached or its output is not a tensor (nothing to regress on)."""
+    fed = capture(student, x, inputs=[block], stop_at=block).inputs.get(block)
+    made = capture(teacher, x, outputs=[block], stop_at=block).outputs.get(block)
+    if not fed or not made or not isinstance(made[0], torch.Tensor):
+        return None
+    target = made[0]
+    return _BlockBatch(fed[0].args, fed[0].kwargs, target, target.var().clamp_min(1e-12))
+
+
+def _block_loss(module: nn.Module, batch: _BlockBatch) -> torch.Tensor:
+    """Mean squared error of the block's output against the original's, relative to its variance."""
+    return F.mse_loss(module(*batch.args, **batch.kwargs), batch.target) / batch.scale
 
 
 def _tunable(module: nn.Module, model: nn.Module, protected: set[str]) -> list[nn.Parameter]:
     """``module``'s trainable parameters, less those of the ``protected`` paths of ``model``."""
     frozen = {id(p) for path in protected for p in model.get_submodule(path).parameters()}
     return [p for p in module.parameters() if p.requires_grad and id(p) not in frozen]
+
+
+def _cycle(stream: Callable[[], Iterable[_T]]) -> Iterator[_T]:
+    """The items of ``stream()`` pass after pass (a fresh pass only when asked for), until a pass is empty."""
+    while True:
+        empty = True
+        for item in stream():
+            empty = False
+            yield item
+        if empty:
+            return
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, schedule, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    schedule.step()
+
+
+def _keep_if_lower(module: nn.Module, snapshot: dict, result: dict, what: str) -> dict:
+    """``result`` of a tuning pass; ``module`` back at ``snapshot`` when the pass did not lower ``what``."""
+    if not result["loss_last"] <= result["loss_first"]:
+        module.load_state_dict(snapshot)
+        result.update(loss_last=result["loss_first"], note=f"reverted: tuning did not lower {what}")
+    return result
+
+
+def _tune_block(
+    block: str,
+    module: nn.Module,
+    params: list[nn.Parameter],
+    batches: Callable[[], Iterable[_BlockBatch | None]],
+    options: CalibrationOptions,
+    tick: Callable[[], None] | None = None,
+) -> dict:
+    """Tune ``params`` (Adam, cosine-decayed, ``options.block_steps`` steps) so that ``module`` maps
+    each batch's input to its target; ``batches()`` is one pass over the data, repeated as needed.
+
+    The first batch scores the block before and after; a tuning that did not lower that score is
+    undone, so a block never ends worse than the closed-form fit left it.
+    """
+    if options.block_steps <= 0:
+        return {"block": block, "steps": 0}
+    opt = torch.optim.Adam(params, lr=options.block_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.block_steps))
+    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    check: _BlockBatch | None = None  # the first batch: the same data scores the block before and after
+    before = math.nan
+    step = 0
+    for batch in _cycle(batches):
+        if batch is None:
+            return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
+        if check is None:
+            check = batch
+            with torch.no_grad():
+                before = _block_loss(module, check).item()
+        for _ in range(min(options.block_inner_steps, options.block_steps - step)):
+            _optimizer_step(opt, schedule, _block_loss(module, batch))
+            if tick:
+                tick()
+            step += 1
+        if step >= options.block_steps:
+            break
+    if check is None:  # no readable batch
+        return {"block": block, "steps": 0}
+    with torch.no_grad():
+        after = _block_loss(module, check).item()
+    result = {"block": block, "steps": step, "loss_first": before, "loss_last": after}
+    return _keep_if_lower(module, snapshot, result, "the block's error")
 
 
 def _reconstruct_block(
@@ -251,51 +316,12 @@ def _reconstruct_block(
     params = _tunable(module, student, protected)
     if not params:
         return {"block": block, "steps": 0}
-    opt = torch.optim.Adam(params, lr=options.block_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.block_steps))
-    was_training = module.training
-    module.eval()
-    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    check = None  # the first batch: the same data scores the block before and after tuning
-    step = 0
-    while step < options.block_steps:
-        progressed = False
-        for x in loader_fn():
-            args, kwargs, _ = _block_output(student, block, x, with_input=True)
-            _, _, target = _block_output(teacher, block, x, with_input=False)
-            if args is None or not isinstance(target, torch.Tensor):
-                return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
-            scale = target.var().clamp_min(1e-12)
-            if check is None:
-                check = (args, kwargs, target, scale)
-                with torch.no_grad():
-                    before = (F.mse_loss(module(*args, **kwargs), target) / scale).item()
-            for _ in range(min(options.block_inner_steps, options.block_steps - step)):
-                loss = F.mse_loss(module(*args, **kwargs), target) / scale
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-                if tick:
-                    tick()
-                step += 1
-            progressed = True
-            if step >= options.block_steps:
-                break
-        if not progressed:
-            break
-    if check is None:  # no readable batch
-        module.train(was_training)
-        return {"block": block, "steps": 0}
-    result = {"block": block, "steps": step, "loss_first": before}
-    with torch.no_grad():
-        args, kwargs, target, scale = check
-        result["loss_last"] = (F.mse_loss(module(*args, **kwargs), target) / scale).item()
-    if not result["loss_last"] <= before:  # never leave a block worse than the closed-form fit
-        module.load_state_dict(snapshot)
-        result.update(loss_last=before, note="reverted: tuning did not lower the block's error")
-    module.train(was_training)
-    return result
+
+    def batches() -> Iterator[_BlockBatch | None]:
+        return (_block_batch(student, teacher, block, x) for x in loader_fn())
+
+    with eval_mode(module):
+        return _tune_block(block, module, params, batches, options, tick)
 
 
 def class_scores(output) -> torch.Tensor | None:
@@ -360,35 +386,35 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
         return {"block": name, "steps": 0, "note": "the model does not output class logits"}
     params = _tunable(student, student, protected)
     snapshot = copy.deepcopy(student.state_dict())
+    steps = _match_logits(student, teacher, loader_fn, params, options, tick)
+    after = _logits_divergence(student, teacher, loader_fn)
+    result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
+    # Never leave the model further from its original than the block fits did.
+    return _keep_if_lower(student, snapshot, result, "the logits divergence")
+
+
+def _match_logits(
+    student, teacher, loader_fn, params: list[nn.Parameter], options: CalibrationOptions, tick=None
+) -> int:
+    """Tune ``params`` (Adam, cosine-decayed) so the student's class logits match the original's
+    on widened batches, for ``options.final_steps`` steps; return the steps taken."""
+    if options.final_steps <= 0:
+        return 0
     opt = torch.optim.Adam(params, lr=options.final_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.final_steps))
     gen = torch.Generator().manual_seed(options.seed + 1)
     steps = 0
-    while steps < options.final_steps:
-        progressed = False
-        for x in loader_fn():
-            x = _distinct_inputs(x, options, gen)
-            with torch.no_grad():
-                target = class_scores(teacher(x))
-            loss = kl_divergence(class_scores(student(x)), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            steps += 1
-            if tick:
-                tick()
-            progressed = True
-            if steps >= options.final_steps:
-                break
-        if not progressed:
+    for x in _cycle(loader_fn):
+        x = _distinct_inputs(x, options, gen)
+        with torch.no_grad():
+            target = class_scores(teacher(x))
+        _optimizer_step(opt, schedule, kl_divergence(class_scores(student(x)), target))
+        steps += 1
+        if tick:
+            tick()
+        if steps >= options.final_steps:
             break
-    after = _logits_divergence(student, teacher, loader_fn)
-    result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
-    if not after <= before:  # never leave the model further from its original than the block fits did
-        student.load_state_dict(snapshot)
-        result.update(loss_last=before, note="reverted: tuning did not lower the logits divergence")
-    return result
+    return steps
 
 
 @torch.no_grad()
@@ -429,30 +455,24 @@ def _layer_errors(student, teacher, paths: list[str], loader_fn, sample: int = 4
 
 
 def _sampled_pre_activations(model: nn.Module, paths: list[str], x: torch.Tensor, norm_fn, sample: int) -> dict:
-    """``norm_fn(layer, input)`` for each layer at ``paths`` in one forward, ``sample`` positions per image."""
-    kept: dict[str, torch.Tensor] = {}
+    """``norm_fn(layer, input)`` for each layer at ``paths`` in one forward, ``sample`` positions per image
+    (a layer called more than once: its last call)."""
 
-    def hook(module, args, path):
-        flat = norm_fn(module, args[0]).flatten(1)
+    def sampled(_path: str, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        flat = norm_fn(module, inp).flatten(1)
         if flat.shape[1] > sample:
             flat = flat[:, torch.linspace(0, flat.shape[1] - 1, sample, device=flat.device).long()]
-        kept[path] = flat.double()
+        return flat.double()
 
-    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: hook(m, a, p)) for p in paths]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+    seen = capture(model, x, inputs=paths, transform=sampled)
+    return {path: calls[-1].first for path, calls in seen.inputs.items()}
 
 
 def untouchable(plan: Plan) -> set[str]:
     """Module paths whose parameters calibration never tunes: convs holding a folded BN* (their
     weights must stay the exact BN* fold) and norm layers the plan keeps or freezes."""
-    paths = {lp.producer for lp in plan.with_action("folded") if lp.producer}
-    return paths | {lp.path for lp in plan.with_action("keep", "frozen")}
+    paths = {lp.producer for lp in plan.with_action(Action.FOLDED) if lp.producer}
+    return paths | {lp.path for lp in plan.with_action(Action.KEEP, Action.FROZEN)}
 
 
 def calibration_batches(options: CalibrationOptions, data_config: DataConfig, broken: BrokenImages) -> tuple:
@@ -498,8 +518,7 @@ def calibrate(
     torch.manual_seed(options.seed)
     student = copy.deepcopy(student).to(device).eval()
     teacher = copy.deepcopy(teacher).to(device).eval()
-    gn_paths = [lp.path for lp in plan.with_action("gn")]
-    protected = untouchable(plan)
+    gn_paths = [lp.path for lp in plan.with_action(Action.GN)]
     if not gn_paths:
         raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
 
@@ -509,33 +528,8 @@ def calibrate(
     report = CalibrationReport(options.method, n_fit, n_hold)
     report.before = _agreement(student, teacher, eval_data)
     before = _layer_errors(student, teacher, order, eval_data)
-
-    blocks = calibration_blocks(student, order, options.max_block_layers) if options.method == "block" else []
-    total = len(order)
-    if options.method == "block":
-        total += options.block_steps * sum(block not in paths for block, paths in blocks) + options.final_steps
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
-
-    if options.method == "layer":
-        for path in order:
-            _fit_layer(student, teacher, path, fit_data, device)
-            tick()
-    else:
-        for block, paths in blocks:
-            for path in paths:
-                _fit_layer(student, teacher, path, fit_data, device)
-                tick()
-            if block not in paths and options.block_steps > 0:
-                report.blocks.append(_reconstruct_block(student, teacher, block, fit_data, options, protected, tick))
-        if options.final_steps > 0:
-            report.blocks.append(_final_pass(student, teacher, fit_data, options, protected, tick))
-
+    passes = _Passes(student, teacher, fit_data, options, untouchable(plan), device)
+    report.blocks = passes.run(order, progress)
     after = _layer_errors(student, teacher, order, eval_data)
     report.layers = {p: {"before": before[p], "after": after[p]} for p in order}
     report.after = _agreement(student, teacher, eval_data)
@@ -546,19 +540,60 @@ def calibrate(
     return student.cpu(), report
 
 
+@dataclass
+class _Passes:
+    """The calibration passes over one student/teacher pair: what every pass needs, given once."""
+
+    student: nn.Module
+    teacher: nn.Module
+    fit_data: Callable[[], Iterable[torch.Tensor]]
+    options: CalibrationOptions
+    protected: set[str]  # paths whose parameters no pass tunes (see :func:`untouchable`)
+    device: torch.device
+
+    def run(self, order: list[str], progress: Callable[[int, int], None] | None) -> list[dict]:
+        """Fit every GN layer at ``order`` (execution order); with the block method, tune each block
+        after its layers are fitted, then the whole student. Returns one result per tuning pass."""
+        options = self.options
+        if options.method == "layer":
+            blocks = [(path, [path]) for path in order]  # each layer its own block: nothing to tune
+            total = len(order)
+        else:
+            blocks = calibration_blocks(self.student, order, options.max_block_layers)
+            tuned = sum(block not in paths for block, paths in blocks)
+            total = len(order) + options.block_steps * tuned + options.final_steps
+        tick = _counter(total, progress)
+        results = []
+        for block, paths in blocks:
+            for path in paths:
+                _fit_layer(self.student, self.teacher, path, self.fit_data, self.device)
+                tick()
+            if block not in paths and options.block_steps > 0:
+                results.append(
+                    _reconstruct_block(self.student, self.teacher, block, self.fit_data, options, self.protected, tick)
+                )
+        if options.method == "block" and options.final_steps > 0:
+            results.append(_final_pass(self.student, self.teacher, self.fit_data, options, self.protected, tick))
+        return results
+
+
+def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None]:
+    """A ``tick()`` that counts one unit of work done and reports ``progress(done, total)``."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    return tick
+
+
 def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> list[str]:
     """GN layers sorted by when they run (module registration order can differ from call order)."""
     if x is None:
         raise GNSurgeonError("no readable image in the calibration folder")
-    seen: list[str] = []
-    handles = [
-        model.get_submodule(p).register_forward_pre_hook(lambda _m, _a, p=p: seen.append(p) if p not in seen else None)
-        for p in paths
-    ]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return seen + [p for p in paths if p not in seen]
+    # Record nothing but the calls: Capture lists paths in the order they first ran.
+    ran = list(capture(model, x[:1], inputs=paths, transform=lambda *_: None).inputs)
+    return ran + [p for p in paths if p not in ran]
