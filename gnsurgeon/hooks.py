@@ -55,7 +55,11 @@ class Call:
 
 @dataclass
 class Capture:
-    """What :func:`capture` saw: per path, one entry per call (a module may run more than once)."""
+    """What :func:`capture` saw: per path, one entry per call (a module may run more than once).
+
+    ``inputs`` and ``outputs`` list their paths in the order the modules first ran (calibration
+    sorts its layers by execution order that way); a path that did not run has no key.
+    """
 
     inputs: dict[str, list[Call]]
     outputs: dict[str, list[Any]]
