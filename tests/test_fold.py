@@ -12,8 +12,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gnsurgeon import Plan, Selection, apply_plan, load, make_plan, save
 from gnsurgeon.checks import compare_freeze_fold
-from gnsurgeon.errors import VerificationError
-from gnsurgeon.fold import plan_folds
+from gnsurgeon.errors import GNSurgeonError, VerificationError
+from gnsurgeon.fold import fold_affine_weights, plan_folds
 from gnsurgeon.layers import FrozenBNAffine, make_frozen_affine, norm_kind
 from gnsurgeon.sources import SourceSpec, build_model
 
@@ -187,3 +187,27 @@ def test_timm_efficientnet_folds_and_keeps_activations():
     assert sum(isinstance(m, nn.SiLU) for m in folded.modules()) == sum(isinstance(m, nn.SiLU) for m in model.modules())
     with torch.no_grad():
         assert _rel(model(x), folded(x)) < 1e-5
+
+
+def test_fold_affine_weights_is_the_affine_after_the_conv_and_changes_no_input():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    scale, shift = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    weight_before = conv.weight.detach().clone()
+    weight, bias = fold_affine_weights(conv.weight, None, scale, shift)
+    assert torch.equal(conv.weight, weight_before)  # tensors in, new tensors out
+    assert weight.dtype == bias.dtype == torch.float32 and not isinstance(weight, nn.Parameter)
+    x = torch.randn(2, 3, 8, 8)
+    affine = conv(x) * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1)
+    assert _rel(affine, nn.functional.conv2d(x, weight, bias)) < 1e-6
+
+
+def test_fold_affine_weights_keeps_the_bias_dtype_and_takes_the_output_axis():
+    weight, bias = torch.randn(3, 5, 2, 2), torch.randn(5, dtype=torch.float64)  # (in, out, k, k): transposed
+    scale, shift = torch.full((5,), 2.0), torch.ones(5)
+    new_weight, new_bias = fold_affine_weights(weight, bias, scale, shift, out_dim=1)
+    assert torch.equal(new_weight, weight * 2) and new_bias.dtype == torch.float64
+    assert torch.equal(new_bias, bias * 2 + 1)
+    with pytest.raises(GNSurgeonError, match="scale has shape"):
+        fold_affine_weights(weight, bias, scale, shift, out_dim=0)
+    with pytest.raises(GNSurgeonError, match="out_dim 4"):
+        fold_affine_weights(weight, bias, scale, shift, out_dim=4)
