@@ -23,14 +23,14 @@ hundred images:
 A tuning pass (one block, or the end-to-end pass) is scored before and after on the same data and
 undone when it did not lower the error: calibration never ends worse than the closed-form fit.
 
-Passes 1 and 2 hold one batch of one layer's (block's) activations and stop right after the layer
-being fitted; pass 3 holds one training step of the model. No pass holds the dataset: batches are
+Passes 1 and 2 hold one batch of one layer's (block's) activations and stop each forward at the
+layer (block) being fitted; pass 3 holds one training step of the model. No pass holds the dataset: batches are
 streamed. Everything is seeded: the same seed gives the same parameters.
 
 Each tuning step is split in two: getting the activations (:func:`_layer_input` for a layer fit,
 :func:`_block_batch` for a block: the student block's input, the original block's output) and
 fitting on them (:func:`_fit_layer` sums, :func:`_tune_block`), so that a source of cached block
-boundaries can feed the same tuner. Hooks and train/eval switches are :mod:`gnsurgeon.hooks`'.
+boundaries can feed the same tuner. Hooks and train/eval switches go through :mod:`gnsurgeon.hooks`.
 
 Stage: calibration, after surgery and before fine-tuning. It imports: data, devices, errors, hooks,
 layers, metrics, plan, sources (never surgery, fold or the checks: it gets both models ready-made).
