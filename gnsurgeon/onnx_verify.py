@@ -183,7 +183,8 @@ def kappa(stats: tuple[torch.Tensor, torch.Tensor], eps: float) -> float:
 
 
 def compare(out: np.ndarray, ref: np.ndarray, limit_scale: float, atol: float, rtol: float) -> dict:
-    """Max abs / relative error of ``out`` vs ``ref``; ok when max abs <= atol + rtol·limit_scale·max|ref|."""
+    """Max abs / relative error of ``out`` vs ``ref`` (:func:`~gnsurgeon.metrics.max_errors`, the
+    definition every report shares); ok when max abs <= atol + rtol·limit_scale·max|ref|."""
     out, ref = np.asarray(out), np.asarray(ref)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     limit = atol + rtol * limit_scale * scale
