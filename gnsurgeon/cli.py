@@ -21,8 +21,10 @@ from .report import (
     calibration_table,
     console,
     err_console,
+    export_table,
     fold_table,
     plan_table,
+    render_verification,
     run_table,
     step_progress,
     summary_table,
@@ -423,23 +425,6 @@ def _onnx_checks(values: dict):
     )
 
 
-def _render_verification(report, quiet: bool) -> None:
-    from .onnx_verify import layer_table, model_table
-
-    console.print(model_table(report))
-    shown = report.layers if not quiet else [row for row in report.layers if not row["ok"]]
-    if shown:
-        console.print(layer_table(type(report)(**{**report.__dict__, "layers": shown})))
-    for note in report.notes:
-        console.print(f"[dim]note:[/] {note}", highlight=False)
-    if report.ok:
-        console.print(
-            f"[green]verified:[/] {len(report.model_checks)} whole-model input(s) and {len(report.layers)} GN layer(s) "
-            "within limits",
-            highlight=False,
-        )
-
-
 def _verification_failed(report, extra: str = "") -> None:
     err_console.print(f"[bold red]verification failed:[/] {report.headline()}{extra}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -476,7 +461,7 @@ def export_onnx_command(
     quiet: Quiet = False,
 ) -> None:
     """Export SOURCE or CHECKPOINT to ONNX (BN folded, GN as asked) and verify it in onnxruntime."""
-    from .onnx_export import ExportOptions, export_onnx, export_table
+    from .onnx_export import ExportOptions, export_onnx
 
     try:
         values = locals()
@@ -488,7 +473,7 @@ def export_onnx_command(
     except GNSurgeonError as exc:
         _fail(exc)
     if report.verification is not None:
-        _render_verification(report.verification, quiet)
+        render_verification(report.verification, quiet)
     console.print(export_table(report))
     if not report.ok:
         extra = "" if report.written else f" ({output} was not written; --force writes it anyway)"
@@ -527,7 +512,7 @@ def verify_onnx_command(
             write_json(json_out, report.to_dict())
     except GNSurgeonError as exc:
         _fail(exc)
-    _render_verification(report, quiet)
+    render_verification(report, quiet)
     console.print(f"onnx.checker: {report.checker}; opset {report.opset}; input {report.input_shape}", highlight=False)
     if not report.ok:
         _verification_failed(report)

@@ -15,6 +15,10 @@ Defaults are chosen for the deployment that fails quietly otherwise:
 * every BatchNorm frozen into BN* and folded into the conv/linear that produces its input, where that
   is exact (:mod:`gnsurgeon.fold`); what cannot fold stays a per-channel ``Mul``/``Add``, never a
   ``BatchNormalization`` node.
+
+Stage: export, the last stage before deployment. It imports torch, onnx and onnxscript (the last two
+inside functions, to keep ``import gnsurgeon`` light), the fold and surgery modules that prepare the
+model, and :mod:`gnsurgeon.onnx_verify`, which checks the result.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .conversion import ConvertOptions, open_source
 from .errors import GNSurgeonError, VerificationError
 from .files import check_output, write_atomically
 from .fold import fold_into_producer, plan_folds
 from .layers import FrozenBNAffine
-from .onnx_verify import VerifyOptions, VerifyReport, _require_tensor_task, onnxruntime_message, verify_model
-from .plan import LayerPlan, Plan, Selection
+from .onnx_verify import VerifyOptions, VerifyReport, onnxruntime_message, require_tensor_task, verify_model
+from .plan import Action, LayerPlan, Plan, Selection
 from .probe import make_probe_input
 from .surgery import apply_plan, make_plan, module_paths, replace_module
 
@@ -77,20 +82,28 @@ class ExportOptions:
 
 
 @dataclass
+class ExportedGraph:
+    """The graph ``export-onnx`` produced: how it was written and what ``onnx.checker`` and an op count
+    found in it."""
+
+    opset: int
+    gn_op: str
+    dynamic_batch: bool
+    input_shape: list
+    group_norms: int = 0
+    op_counts: dict = field(default_factory=dict)
+    checker: str = ""
+
+
+@dataclass
 class ExportReport:
     """What ``export-onnx`` did: the graph it wrote, what was folded, and the verification."""
 
     source: str
     output: str
-    opset: int
-    gn_op: str
-    dynamic_batch: bool
-    input_shape: list
+    graph: ExportedGraph
     written: bool = False
-    group_norms: int = 0
     folds: list[dict] = field(default_factory=list)
-    op_counts: dict = field(default_factory=dict)
-    checker: str = ""
     verification: VerifyReport | None = None
     timings: dict = field(default_factory=dict)
 
@@ -99,6 +112,7 @@ class ExportReport:
         return self.verification is None or self.verification.ok
 
     def to_dict(self) -> dict:
+        graph = self.graph
         return {
             "command": "export-onnx",
             "gnsurgeon_version": __version__,
@@ -106,14 +120,14 @@ class ExportReport:
             "output": self.output,
             "written": self.written,
             "ok": self.ok,
-            "opset": self.opset,
-            "gn_op": self.gn_op,
-            "dynamic_batch": self.dynamic_batch,
-            "input_shape": self.input_shape,
-            "group_norms": self.group_norms,
+            "opset": graph.opset,
+            "gn_op": graph.gn_op,
+            "dynamic_batch": graph.dynamic_batch,
+            "input_shape": graph.input_shape,
+            "group_norms": graph.group_norms,
             "folds": self.folds,
-            "op_counts": self.op_counts,
-            "checker": self.checker,
+            "op_counts": graph.op_counts,
+            "checker": graph.checker,
             "timings_s": self.timings,
             "verification": self.verification.to_dict() if self.verification else None,
         }
@@ -145,7 +159,9 @@ def fold_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
         return prepared, []
     entries = Plan(
         [
-            LayerPlan(path=p, kind="FrozenBNAffine", channels=m.num_features, eps=m.eps, affine=True, action="frozen")
+            LayerPlan(
+                path=p, kind="FrozenBNAffine", channels=m.num_features, eps=m.eps, affine=True, action=Action.FROZEN
+            )
             for p, m in frozen
         ]
     )
@@ -153,7 +169,7 @@ def fold_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
     _, aliases = module_paths(prepared)
     rows = []
     for lp in decided:
-        if lp.action == "folded":
+        if lp.action == Action.FOLDED:
             module = prepared.get_submodule(lp.path)
             replacement = fold_into_producer(prepared, lp, _frozen_shim(module))
             for path in aliases[id(module)]:
@@ -273,7 +289,7 @@ def export_onnx(
     source: str,
     output: str | Path,
     options: ExportOptions | None = None,
-    source_options=None,
+    source_options: ConvertOptions | None = None,
 ) -> ExportReport:
     """Export ``source`` (``timm:``/``torchvision:`` name or gnsurgeon checkpoint) to ``output``.
 
@@ -282,14 +298,12 @@ def export_onnx(
     ``onnx.checker``, then verified (``options.verify``). The file is written only when verification
     passes, or with ``options.force``; ``report.ok`` says which.
     """
-    from .conversion import ConvertOptions, open_source
-
     options = options or ExportOptions()
     opset = options.resolved_opset()
     output = check_output(output, ".onnx")
     start = time.perf_counter()
     opened = open_source(source, source_options or ConvertOptions())
-    _require_tensor_task(opened.data_config, source)
+    require_tensor_task(opened.data_config, source)
     reference = opened.model.float().eval()
     timings = {"build": round(time.perf_counter() - start, 3)}
 
@@ -305,19 +319,16 @@ def export_onnx(
     start = time.perf_counter()
     checker, counts = _check_graph(proto, options.gn_op, group_norms)
     timings["check"] = round(time.perf_counter() - start, 3)
-    report = ExportReport(
-        source=str(source),
-        output=str(output),
+    graph = ExportedGraph(
         opset=opset,
         gn_op=options.gn_op,
         dynamic_batch=options.dynamic_batch,
         input_shape=["batch" if options.dynamic_batch else 1, *opened.data_config.input_size],
         group_norms=group_norms,
-        folds=folds,
         op_counts=counts,
         checker=checker,
-        timings=timings,
     )
+    report = ExportReport(source=str(source), output=str(output), graph=graph, folds=folds, timings=timings)
     if options.verify:
         start = time.perf_counter()
         report.verification = verify_model(proto, reference, opened.data_config, options.checks, source=str(source))
@@ -336,35 +347,11 @@ def export_onnx(
     return report
 
 
-def export_table(report: ExportReport):
-    """Summary of an export for the terminal."""
-    from rich.table import Table
-
-    table = Table(title="ONNX export", show_header=False)
-    table.add_column("item", style="bold")
-    table.add_column("value")
-    folded = sum(r["action"] == "folded" for r in report.folds)
-    kept = [r for r in report.folds if r["action"] != "folded"]
-    table.add_row("output", report.output + ("" if report.written else "  (not written: verification failed)"))
-    table.add_row("opset / GN as", f"{report.opset} / {report.gn_op}")
-    table.add_row("input", f"{report.input_shape} ({'dynamic' if report.dynamic_batch else 'static'} batch)")
-    table.add_row("GroupNorm layers", str(report.group_norms))
-    table.add_row("BN folded into conv/linear", f"{folded} of {len(report.folds)}" if report.folds else "none left")
-    if kept:
-        reasons = Counter(r["note"] for r in kept)
-        table.add_row("BN* kept as Mul+Add (why)", "; ".join(f"{n} {r}" for r, n in reasons.items()))
-    table.add_row("onnx.checker", report.checker)
-    top = ", ".join(f"{k} {v}" for k, v in sorted(report.op_counts.items(), key=lambda kv: -kv[1])[:8])
-    table.add_row("nodes", top)
-    table.add_row("timings (s)", ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
-    return table
-
-
 __all__ = [
     "ExportOptions",
     "ExportReport",
+    "ExportedGraph",
     "export_model",
     "export_onnx",
-    "export_table",
     "fold_for_export",
 ]

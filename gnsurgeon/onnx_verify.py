@@ -27,14 +27,19 @@ Tolerances, from float32 rounding (unit roundoff u = 6e-8):
   25088). Real activations (κ ~ 1) show errors ~1e-6 against limits of 1e-5 to 1e-3; eps off by 2x
   (1e-5 -> 2e-5) already fails the activation and near-constant inputs, a wrong G fails everything, and
   native GroupNormalization gives NaN or O(1) errors on the stress inputs.
+
+Finding and cutting out the GN subgraphs is :mod:`gnsurgeon.onnx_graph`'s; the tables are
+:mod:`gnsurgeon.report`'s; failures are typed (:mod:`gnsurgeon.verdicts`).
+
+Stage: verification of an ONNX file, after export. It imports torch, numpy, onnx and onnxruntime (the
+last two inside functions, to keep ``import gnsurgeon`` light), :mod:`gnsurgeon.onnx_graph`,
+:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, and the source/data modules that open the model.
 """
 
 from __future__ import annotations
 
-import ast
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +48,35 @@ import torch
 from torch import nn
 
 from . import __version__
+from .conversion import ConvertOptions, open_source
+from .data import ImageFolderData, collate_skip_broken, eval_transform
 from .errors import GNSurgeonError
+from .hooks import capture
+from .metrics import max_errors
+from .onnx_graph import GNSubgraph, OnnxGraph, extract_subgraph, locate_group_norms, model_input, model_opset
 from .probe import flatten_outputs, make_probe_input
 from .sources import DataConfig
+from .verdicts import CheckerFailure, LayerMismatch, LayerNotFound, ModelMismatch, VerifyFailure, error_ratio
 
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+__all__ = [
+    "CheckerFailure",
+    "LayerMismatch",
+    "LayerNotFound",
+    "ModelMismatch",
+    "VerifyFailure",
+    "VerifyOptions",
+    "VerifyReport",
+    "compare",
+    "group_norm_modules",
+    "group_stats",
+    "kappa",
+    "onnxruntime_message",
+    "require_tensor_task",
+    "stress_inputs",
+    "verify_model",
+    "verify_onnx",
+]
+
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-6
 DEFAULT_MODEL_RTOL = 1e-4
@@ -90,7 +119,7 @@ class VerifyReport:
     checker: str = ""
     model_checks: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failures: list[VerifyFailure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -100,15 +129,16 @@ class VerifyReport:
 
     @property
     def failed_layers(self) -> list[str]:
-        return [row["path"] for row in self.layers if not row["ok"]]
+        """The path of every failing layer call, in check order (a layer called twice may be listed twice)."""
+        return [f.layer for f in self.failures if isinstance(f, LayerMismatch)]
 
     def headline(self) -> str:
         """What failed, in one line: every failing layer by name, the first reason in full."""
-        parts = [f for f in self.failures if not f.startswith("layer ")]
+        parts = [str(f) for f in self.failures if not isinstance(f, LayerMismatch)]
         layers = list(dict.fromkeys(self.failed_layers))
         if layers:
             names = ", ".join(layers[:10]) + (f", ... {len(layers) - 10} more" if len(layers) > 10 else "")
-            first = next(f for f in self.failures if f.startswith("layer "))
+            first = next(f for f in self.failures if isinstance(f, LayerMismatch))
             parts.append(f"{len(layers)} GN layer(s) out of limits ({names}); first: {first}")
         return "; ".join(parts)
 
@@ -120,7 +150,7 @@ class VerifyReport:
             "onnx_file": self.onnx_file,
             "source": self.source,
             "ok": self.ok,
-            "failures": self.failures,
+            "failures": [str(f) for f in self.failures],
             "notes": self.notes,
             "tolerance": {
                 "atol": opts.atol,
@@ -139,272 +169,6 @@ class VerifyReport:
         }
 
 
-# ------------------------------------------------------------------------------------ ONNX graph
-@dataclass
-class GNSubgraph:
-    """The nodes of one GN call in the ONNX graph, between one input tensor and one output tensor."""
-
-    path: str
-    nodes: list
-    entry: str
-    exit: str
-    form: str  # native | decomposed | other
-    mapped_by: str  # metadata | pattern
-    graph_groups: int | None = None
-    graph_eps: float | None = None
-
-
-class _Graph:
-    """Index over a graph: producers, consumers, constants (initializers and what folds from them)."""
-
-    def __init__(self, model) -> None:
-        from onnx import numpy_helper
-
-        self.model = model
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.order = {id(n): i for i, n in enumerate(self.nodes)}
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.producer = {o: n for n in self.nodes for o in n.output if o}
-        self.consumers: dict[str, list] = defaultdict(list)
-        for n in self.nodes:
-            for name in n.input:
-                self.consumers[name].append(n)
-        self.outputs = {o.name for o in graph.output}
-        self.constant = set(self.initializers) | {t.values.name for t in graph.sparse_initializer}
-        for n in self.nodes:  # nodes are topologically sorted in a valid model
-            if n.op_type == "Constant" or (
-                n.input and all(not i or i in self.constant for i in n.input) and not n.op_type.startswith("Random")
-            ):
-                self.constant.update(o for o in n.output if o)
-        self._numpy = numpy_helper
-        types = {}
-        for vi in (*graph.input, *graph.value_info, *graph.output):
-            types[vi.name] = vi.type.tensor_type.elem_type
-        self.elem_type = types
-
-    def value(self, name: str):
-        """The numpy value of a constant tensor, or None when it is not a plain constant."""
-        if name in self.initializers:
-            return self._numpy.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return self._numpy.to_array(attr.t)
-                if attr.name == "value_ints":
-                    return np.array(list(attr.ints), dtype=np.int64)
-                if attr.name == "value_floats":
-                    return np.array(list(attr.floats), dtype=np.float32)
-        return None
-
-    def constant_closure(self, names) -> list:
-        """The nodes outside a subgraph that compute the constants it reads (Constant, folded ops)."""
-        seen, stack, needed = set(), [n for n in names if n in self.constant], []
-        while stack:
-            name = stack.pop()
-            node = self.producer.get(name)
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            needed.append(node)
-            stack.extend(i for i in node.input if i)
-        return needed
-
-
-def _scopes(node) -> list[str]:
-    for prop in node.metadata_props:
-        if prop.key == SCOPES_KEY:
-            try:
-                value = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return []
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
-    return []
-
-
-def _components(nodes: list, graph: _Graph) -> list[list]:
-    """Split nodes into connected pieces (one per call when a module runs twice)."""
-    parent = {id(n): id(n) for n in nodes}
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    produced = {o: n for n in nodes for o in n.output if o}
-    for n in nodes:
-        for name in n.input:
-            src = produced.get(name)
-            if src is not None:
-                parent[find(id(n))] = find(id(src))
-    groups: dict[int, list] = defaultdict(list)
-    for n in nodes:
-        groups[find(id(n))].append(n)
-    pieces = [sorted(g, key=lambda n: graph.order[id(n)]) for g in groups.values()]
-    return sorted(pieces, key=lambda g: graph.order[id(g[0])])
-
-
-def _boundary(nodes: list, graph: _Graph) -> tuple[list[str], list[str]]:
-    """``(entries, exits)``: activation tensors read from outside, tensors read outside or returned."""
-    inside = {id(n) for n in nodes}
-    produced = {o for n in nodes for o in n.output if o}
-    entries = []
-    for n in nodes:
-        for name in n.input:
-            if name and name not in produced and name not in graph.constant and name not in entries:
-                entries.append(name)
-    exits = []
-    for name in (o for n in nodes for o in n.output if o):
-        outside = any(id(c) not in inside for c in graph.consumers.get(name, []))
-        if (outside or name in graph.outputs) and name not in exits:
-            exits.append(name)
-    return entries, exits
-
-
-def _describe(sub: GNSubgraph, graph: _Graph) -> None:
-    """Fill in the form (native / decomposed / other) and the G and eps the graph really uses."""
-    ops = {n.op_type: n for n in sub.nodes}
-    if "GroupNormalization" in ops:
-        node = ops["GroupNormalization"]
-        sub.form = "native"
-        for attr in node.attribute:
-            if attr.name == "num_groups":
-                sub.graph_groups = int(attr.i)
-            elif attr.name == "epsilon":
-                sub.graph_eps = float(attr.f)
-        if sub.graph_eps is None:
-            sub.graph_eps = 1e-5  # the operator's default
-    elif "InstanceNormalization" in ops:
-        node = ops["InstanceNormalization"]
-        sub.form = "decomposed"
-        sub.graph_eps = next((float(a.f) for a in node.attribute if a.name == "epsilon"), 1e-5)
-        reshape = graph.producer.get(node.input[0])
-        if reshape is not None and reshape.op_type == "Reshape":
-            shape = graph.value(reshape.input[1])
-            if shape is not None and shape.ndim == 1 and len(shape) >= 2 and int(shape[1]) > 0:
-                sub.graph_groups = int(shape[1])
-    else:
-        sub.form = "other"
-
-
-def _by_metadata(graph: _Graph, calls: dict[str, int]) -> dict[str, list[GNSubgraph]]:
-    paths = set(calls)
-    assigned: dict[str, list] = defaultdict(list)
-    for node in graph.nodes:
-        owner = next((s for s in reversed(_scopes(node)) if s in paths), None)
-        if owner is not None:
-            assigned[owner].append(node)
-    found: dict[str, list[GNSubgraph]] = {}
-    for path, nodes in assigned.items():
-        subs = []
-        for piece in _components(nodes, graph):
-            entries, exits = _boundary(piece, graph)
-            if len(entries) != 1 or len(exits) != 1:
-                continue
-            sub = GNSubgraph(path, piece, entries[0], exits[0], "other", "metadata")
-            _describe(sub, graph)
-            subs.append(sub)
-        if subs:
-            found[path] = subs
-    return found
-
-
-def _affine_tail(graph: _Graph, name: str) -> tuple[list, str]:
-    """After the reshape back: an optional per-channel Mul/Add chain or one depthwise 1x1 Conv."""
-    nodes = []
-    for _ in range(2):
-        users = graph.consumers.get(name, [])
-        if len(users) != 1 or name in graph.outputs:
-            break
-        user = users[0]
-        if user.op_type in ("Mul", "Add") and any(i in graph.constant for i in user.input if i != name):
-            nodes.append(user)
-            name = user.output[0]
-        elif user.op_type == "Conv" and not nodes and all(i in graph.constant for i in user.input[1:] if i):
-            nodes.append(user)
-            return nodes, user.output[0]
-        else:
-            break
-    return nodes, name
-
-
-def _by_pattern(graph: _Graph) -> list[GNSubgraph]:
-    """Native nodes and Reshape -> InstanceNormalization -> Reshape -> affine chains, in graph order."""
-    subs = []
-    for node in graph.nodes:
-        if node.op_type == "GroupNormalization":
-            sub = GNSubgraph("", [node], node.input[0], node.output[0], "native", "pattern")
-        elif node.op_type == "InstanceNormalization":
-            head = graph.producer.get(node.input[0])
-            users = graph.consumers.get(node.output[0], [])
-            if head is None or head.op_type != "Reshape" or len(users) != 1 or users[0].op_type != "Reshape":
-                continue
-            back = users[0]
-            extra = [graph.producer[i] for i in back.input[1:] if i in graph.producer and i not in graph.constant]
-            tail, exit_name = _affine_tail(graph, back.output[0])
-            nodes = [head, node, *[e for e in extra if e.op_type == "Shape"], back, *tail]
-            sub = GNSubgraph("", nodes, head.input[0], exit_name, "decomposed", "pattern")
-        else:
-            continue
-        _describe(sub, graph)
-        subs.append(sub)
-    return subs
-
-
-def locate_group_norms(
-    model, calls: dict[str, int], graph: _Graph | None = None
-) -> tuple[dict[str, list[GNSubgraph]], list[str]]:
-    """Map every GN module call (``calls``: path -> times called, in call order) to its ONNX subgraph.
-
-    Node metadata written by the dynamo exporter names the module of each node; files without it
-    (other exporters, edited graphs) are matched by pattern, in graph order against call order.
-    Returns ``(found, notes)``.
-    """
-    graph = graph or _Graph(model)
-    found = _by_metadata(graph, calls)
-    notes = []
-    missing = [p for p in calls if p not in found]
-    if missing:
-        used = {id(n) for subs in found.values() for s in subs for n in s.nodes}
-        spare = [s for s in _by_pattern(graph) if not any(id(n) in used for n in s.nodes)]
-        wanted = [p for p in calls if p in missing for _ in range(calls[p])]
-        if len(spare) == len(wanted):
-            for path, sub in zip(wanted, spare, strict=True):
-                sub.path = path
-                found.setdefault(path, []).append(sub)
-            notes.append(f"{len(missing)} GN layer(s) matched by pattern in graph order (no module metadata)")
-        elif spare:
-            notes.append(
-                f"{len(spare)} GN pattern(s) in the graph could not be matched to the {len(missing)} unmapped layer(s)"
-            )
-    return found, notes
-
-
-def extract_subgraph(model, sub: GNSubgraph, rank: int, graph: _Graph | None = None):
-    """A standalone ONNX model computing ``sub``: input = the GN's input, output = its output."""
-    from onnx import TensorProto, helper
-
-    graph = graph or _Graph(model)
-    consts = graph.constant_closure([i for n in sub.nodes for i in n.input])
-    nodes = sorted({id(n): n for n in [*consts, *sub.nodes]}.values(), key=lambda n: graph.order[id(n)])
-    names = {i for n in nodes for i in n.input}
-    inits = [graph.initializers[n] for n in names if n in graph.initializers]
-    elem = graph.elem_type.get(sub.entry, TensorProto.FLOAT) or TensorProto.FLOAT
-    dims = [f"d{i}" for i in range(rank)]
-    g = helper.make_graph(
-        nodes,
-        f"gn_{sub.path}",
-        [helper.make_tensor_value_info(sub.entry, elem, dims)],
-        [helper.make_tensor_value_info(sub.exit, elem, None)],
-        initializer=inits,
-    )
-    out = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    out.functions.extend(model.functions)
-    return out
-
-
 # ------------------------------------------------------------------------------------- numerics
 def group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, group) ``(mean, var)`` of ``x`` (float32, biased variance)."""
@@ -419,7 +183,8 @@ def kappa(stats: tuple[torch.Tensor, torch.Tensor], eps: float) -> float:
 
 
 def compare(out: np.ndarray, ref: np.ndarray, limit_scale: float, atol: float, rtol: float) -> dict:
-    """Max abs / relative error of ``out`` vs ``ref``; ok when max abs <= atol + rtol·limit_scale·max|ref|."""
+    """Max abs / relative error of ``out`` vs ``ref`` (:func:`~gnsurgeon.metrics.max_errors`, the
+    definition every report shares); ok when max abs <= atol + rtol·limit_scale·max|ref|."""
     out, ref = np.asarray(out), np.asarray(ref)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     limit = atol + rtol * limit_scale * scale
@@ -428,13 +193,8 @@ def compare(out: np.ndarray, ref: np.ndarray, limit_scale: float, atol: float, r
     nonfinite = int(out.size - np.isfinite(out).sum()) if out.size else 0
     if nonfinite:
         return {"ok": False, "max_abs": None, "max_rel": None, "nonfinite": nonfinite, "limit": limit}
-    diff = float(np.abs(out - ref).max()) if out.size else 0.0
-    return {
-        "ok": diff <= limit,
-        "max_abs": diff,
-        "max_rel": diff / scale if scale > 0 else diff,
-        "limit": limit,
-    }
+    errors = max_errors(ref, out)
+    return {"ok": errors["max_abs"] <= limit, **errors, "limit": limit}
 
 
 def stress_inputs(shape: tuple[int, ...], groups: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -493,41 +253,15 @@ def group_norm_modules(model: nn.Module) -> dict[str, nn.GroupNorm]:
     return {p: m for p, m in model.named_modules() if p and isinstance(m, nn.GroupNorm)}
 
 
-def capture_inputs(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[dict[str, list], object]:
-    """Run ``model`` on ``x``; return what each module in ``paths`` received, per call, cloned before
-    anything can mutate it (in-place activations, ``+=``), and the model's output."""
-    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
-    handles = []
-    for path in paths:
-
-        def hook(_module, args, path=path):
-            if args and isinstance(args[0], torch.Tensor):
-                seen[path].append(args[0].detach().clone())
-
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return dict(seen), out
+def _layer_inputs(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[dict[str, list[torch.Tensor]], object]:
+    """Run ``model`` on ``x``; return what each module in ``paths`` received, per call (cloned before
+    an in-place op can change it), and the model's output."""
+    seen = capture(model, x, inputs=paths, grad="inference")
+    received = {p: [c.first for c in calls if isinstance(c.first, torch.Tensor)] for p, calls in seen.inputs.items()}
+    return {p: xs for p, xs in received.items() if xs}, seen.result
 
 
 # ------------------------------------------------------------------------------------ the checks
-def _onnx_input(model) -> tuple[str, list]:
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise GNSurgeonError(
-            f"the ONNX model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-            "gnsurgeon verifies models that take one image tensor"
-        )
-    shape = inputs[0].type.tensor_type.shape
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
-    return inputs[0].name, dims
-
-
 def _input_shape(dims: list, config: DataConfig, report: VerifyReport) -> tuple[int, ...]:
     size = tuple(config.input_size)
     if len(dims) != len(size) + 1:
@@ -542,8 +276,6 @@ def _input_shape(dims: list, config: DataConfig, report: VerifyReport) -> tuple[
 
 
 def _load_images(options: VerifyOptions, config: DataConfig) -> torch.Tensor:
-    from .data import ImageFolderData, collate_skip_broken, eval_transform
-
     dataset = ImageFolderData(options.data, eval_transform(config), limit=options.max_images, seed=options.seed)
     images, _, broken = collate_skip_broken([dataset[i] for i in range(len(dataset))])
     if images is None:
@@ -568,17 +300,11 @@ def _check_model(session, input_name: str, refs: list[np.ndarray], name: str, x:
         row.update(ok=False, problem=f"{len(outs)} ONNX outputs, PyTorch returns {len(refs)}")
         return row
     results = [compare(o, r, 1.0, opts.atol, opts.model_rtol) for o, r in zip(outs, refs, strict=True)]
-    worst = max(results, key=_badness)
+    worst = max(results, key=error_ratio)
     row.update({k: worst[k] for k in ("max_abs", "max_rel", "limit", "nonfinite", "problem") if k in worst})
     row["ok"] = all(r["ok"] for r in results)
     row["top1_agreement"] = _top1(np.asarray(outs[0]), refs[0])
     return row
-
-
-def _badness(result: dict) -> float:
-    if result.get("max_abs") is None:
-        return float("inf")
-    return result["max_abs"] / result["limit"] if result["limit"] > 0 else float("inf")
 
 
 def _layer_cases(activation: torch.Tensor, groups: int, opts: VerifyOptions, dynamic: bool, cache: dict) -> dict:
@@ -610,7 +336,7 @@ def _to_batch(x: torch.Tensor, stats: tuple, batch: int) -> tuple[torch.Tensor, 
     return x[index], (stats[0][index], stats[1][index])
 
 
-def _check_layer(graph: _Graph, sub: GNSubgraph, module: nn.GroupNorm, cases: dict, opts: VerifyOptions) -> dict:
+def _check_layer(graph: OnnxGraph, sub: GNSubgraph, module: nn.GroupNorm, cases: dict, opts: VerifyOptions) -> dict:
     row: dict = {
         "path": sub.path,
         "form": sub.form,
@@ -656,7 +382,8 @@ def _check_layer(graph: _Graph, sub: GNSubgraph, module: nn.GroupNorm, cases: di
     return row
 
 
-def _describe_failure(row: dict) -> str:
+def _layer_failure(row: dict) -> LayerMismatch:
+    """The first two reasons ``row`` failed (G/eps problems first, then failing inputs), as one record."""
     parts = list(row["problems"])
     for name in row.get("failed_cases", []):
         r = row["cases"][name]
@@ -667,7 +394,102 @@ def _describe_failure(row: dict) -> str:
         else:
             parts.append(f"{name}: max abs {r['max_abs']:.2e} > limit {r['limit']:.2e}")
     more = f" (and {len(parts) - 2} more)" if len(parts) > 2 else ""
-    return f"layer {row['path']}: " + "; ".join(parts[:2]) + more
+    return LayerMismatch(layer=row["path"], reason="; ".join(parts[:2]) + more)
+
+
+def _model_failure(row: dict) -> ModelMismatch:
+    why = row.get("problem") or (
+        f"{row['nonfinite']} non-finite output(s)"
+        if row.get("max_abs") is None
+        else f"max abs {row['max_abs']:.2e} > limit {row['limit']:.2e}"
+    )
+    return ModelMismatch(input=row["input"], reason=why)
+
+
+def _open_model(model, onnx_file: str | None, config: DataConfig, report: VerifyReport):
+    """Check the file with onnx.checker, read its input, load it in onnxruntime: ``(session, input
+    name, input shape without the batch axis)``; the findings go into ``report``."""
+    import onnx
+
+    report.opset = model_opset(model)
+    try:
+        onnx.checker.check_model(onnx_file if onnx_file else model, full_check=True)
+        report.checker = "passed (full check)"
+    except Exception as exc:  # ValidationError, InferenceError, ...
+        report.checker = f"failed: {onnxruntime_message(exc)}"
+        report.failures.append(CheckerFailure(reason=onnxruntime_message(exc)))
+    input_name, dims = model_input(model)
+    report.dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
+    shape = _input_shape(dims, config, report)
+    report.input_shape = [dims[0] if not report.dynamic_batch else "batch", *shape]
+    try:
+        session = _session(onnx_file if onnx_file else model)
+    except Exception as exc:
+        raise GNSurgeonError(f"onnxruntime cannot load the ONNX model: {onnxruntime_message(exc)}") from None
+    return session, input_name, shape
+
+
+def _model_inputs(config: DataConfig, options: VerifyOptions, report: VerifyReport) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, input)]`` for the whole-model check: random at batch 1 and batch > 1 (or at the fixed
+    batch the file was made for), then real images when ``options.data`` is given."""
+    static = None if report.dynamic_batch else report.input_shape[0]
+    batches = [1, options.batch] if static is None else [static]
+    inputs = [(f"random, batch {b}", make_probe_input(config, batch=b, seed=options.seed + b)) for b in batches]
+    if static is not None:
+        report.notes.append(f"the ONNX input has a fixed batch of {static}: other batch sizes are not checked")
+    if options.data:
+        images = _load_images(options, config)
+        if static is None or len(images) >= static:
+            images = images if static is None else images[:static]
+            inputs.append((f"images from {options.data}, batch {len(images)}", images))
+        else:
+            report.notes.append(f"{len(images)} image(s) cannot fill the fixed batch of {static}: images not checked")
+    return inputs
+
+
+def _check_whole_model(
+    session, input_name: str, reference: nn.Module, inputs: list, paths: list[str], report: VerifyReport
+) -> dict[str, list[torch.Tensor]]:
+    """Compare the outputs on every input; return what each GN layer in ``paths`` received on the
+    last one (real images when given, else the batch > 1): realistic activations for the per-layer
+    check, at no extra forward pass."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    for i, (name, x) in enumerate(inputs):
+        captured, out = _layer_inputs(reference, x, paths if i == len(inputs) - 1 else [])
+        refs = [t.float().numpy() for _, t in flatten_outputs(out)]
+        row = _check_model(session, input_name, refs, name, x, report.options)
+        report.model_checks.append(row)
+        if not row["ok"]:
+            report.failures.append(_model_failure(row))
+    return captured
+
+
+def _check_layers(model, modules: dict[str, nn.GroupNorm], captured: dict, report: VerifyReport) -> None:
+    """Every call of every GN layer: its subgraph located, cut out and run on its activation and the
+    stress inputs."""
+    calls = {p: len(captured[p]) for p in modules if p in captured}
+    graph = OnnxGraph(model)
+    found, notes = locate_group_norms(model, calls, graph)
+    report.notes.extend(notes)
+    cache: dict = {}
+    for path in calls:
+        subs = found.get(path, [])
+        for call, activation in enumerate(captured[path]):
+            if call >= len(subs):
+                failure = LayerNotFound(layer=path)
+                report.layers.append({"path": path, "ok": False, "problems": [failure.reason]})
+                report.failures.append(failure)
+                continue
+            cases = _layer_cases(activation, modules[path].num_groups, report.options, report.dynamic_batch, cache)
+            row = _check_layer(graph, subs[call], modules[path], cases, report.options)
+            if len(captured[path]) > 1:
+                row["call"] = call
+            report.layers.append(row)
+            if not row["ok"]:
+                report.failures.append(_layer_failure(row))
+    unused = [p for p in modules if p not in calls]
+    if unused:
+        report.notes.append(f"{len(unused)} GN module(s) not called on the probe input: {', '.join(unused[:3])}")
 
 
 def verify_model(
@@ -681,86 +503,21 @@ def verify_model(
 ) -> VerifyReport:
     """Run the whole-model and per-GN-layer checks of ``model`` (an ``onnx.ModelProto``) against
     ``reference`` (the PyTorch model it should compute, put in eval mode here)."""
-    import onnx
-
     options = options or VerifyOptions()
     reference = reference.float().eval()
     report = VerifyReport(onnx_file, source, options)
-    report.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     start = time.perf_counter()
-    try:
-        onnx.checker.check_model(onnx_file if onnx_file else model, full_check=True)
-        report.checker = "passed (full check)"
-    except Exception as exc:  # ValidationError, InferenceError, ...
-        report.checker = f"failed: {onnxruntime_message(exc)}"
-        report.failures.append(f"onnx.checker rejects the model: {onnxruntime_message(exc)}")
-    input_name, dims = _onnx_input(model)
-    report.dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
-    shape = _input_shape(dims, config, report)
-    report.input_shape = [dims[0] if not report.dynamic_batch else "batch", *shape]
-    try:
-        session = _session(onnx_file if onnx_file else model)
-    except Exception as exc:
-        raise GNSurgeonError(f"onnxruntime cannot load the ONNX model: {onnxruntime_message(exc)}") from None
+    session, input_name, shape = _open_model(model, onnx_file, config, report)
     report.timings["load"] = round(time.perf_counter() - start, 3)
 
     start = time.perf_counter()
-    static = None if report.dynamic_batch else dims[0]
-    cfg = DataConfig(**{**config.to_dict(), "input_size": shape})
-    batches = [1, options.batch] if static is None else [static]
-    inputs = [(f"random, batch {b}", make_probe_input(cfg, batch=b, seed=options.seed + b)) for b in batches]
-    if static is not None:
-        report.notes.append(f"the ONNX input has a fixed batch of {static}: other batch sizes are not checked")
-    if options.data:
-        images = _load_images(options, cfg)
-        if static is None or len(images) >= static:
-            images = images if static is None else images[:static]
-            inputs.append((f"images from {options.data}, batch {len(images)}", images))
-        else:
-            report.notes.append(f"{len(images)} image(s) cannot fill the fixed batch of {static}: images not checked")
+    inputs = _model_inputs(DataConfig(**{**config.to_dict(), "input_size": shape}), options, report)
     modules = group_norm_modules(reference)
-    captured: dict[str, list[torch.Tensor]] = {}
-    for i, (name, x) in enumerate(inputs):
-        # The last input (real images when given, else the batch > 1) also records what each GN layer
-        # receives: realistic activations for the per-layer check, at no extra forward pass.
-        paths = list(modules) if i == len(inputs) - 1 else []
-        captured, out = capture_inputs(reference, x, paths)
-        refs = [t.float().numpy() for _, t in flatten_outputs(out)]
-        row = _check_model(session, input_name, refs, name, x, options)
-        report.model_checks.append(row)
-        if not row["ok"]:
-            why = row.get("problem") or (
-                f"{row['nonfinite']} non-finite output(s)"
-                if row.get("max_abs") is None
-                else f"max abs {row['max_abs']:.2e} > limit {row['limit']:.2e}"
-            )
-            report.failures.append(f"model output on {name}: {why}")
+    captured = _check_whole_model(session, input_name, reference, inputs, list(modules), report)
     report.timings["model"] = round(time.perf_counter() - start, 3)
 
     start = time.perf_counter()
-    calls = {p: len(captured[p]) for p in modules if p in captured}
-    graph = _Graph(model)
-    found, notes = locate_group_norms(model, calls, graph)
-    report.notes.extend(notes)
-    cache: dict = {}
-    for path in calls:
-        subs = found.get(path, [])
-        for call, activation in enumerate(captured[path]):
-            if call >= len(subs):
-                missing = "no GN subgraph found in the ONNX graph"
-                report.layers.append({"path": path, "ok": False, "problems": [missing]})
-                report.failures.append(f"layer {path}: {missing}")
-                continue
-            cases = _layer_cases(activation, modules[path].num_groups, options, report.dynamic_batch, cache)
-            row = _check_layer(graph, subs[call], modules[path], cases, options)
-            if len(captured[path]) > 1:
-                row["call"] = call
-            report.layers.append(row)
-            if not row["ok"]:
-                report.failures.append(_describe_failure(row))
-    unused = [p for p in modules if p not in calls]
-    if unused:
-        report.notes.append(f"{len(unused)} GN module(s) not called on the probe input: {', '.join(unused[:3])}")
+    _check_layers(model, modules, captured, report)
     report.timings["layers"] = round(time.perf_counter() - start, 3)
     return report
 
@@ -769,7 +526,7 @@ def verify_onnx(
     onnx_file: str | Path,
     source: str,
     options: VerifyOptions | None = None,
-    source_options=None,
+    source_options: ConvertOptions | None = None,
 ) -> VerifyReport:
     """Check an existing ONNX file against the checkpoint or model source it should compute.
 
@@ -777,8 +534,6 @@ def verify_onnx(
     constructor kwargs, input size). Returns the report; ``report.ok`` is False when a check failed.
     """
     import onnx
-
-    from .conversion import ConvertOptions, open_source
 
     options = options or VerifyOptions()
     path = Path(onnx_file)
@@ -789,76 +544,14 @@ def verify_onnx(
     except Exception as exc:  # DecodeError, OSError, missing external data
         raise GNSurgeonError(f"cannot read ONNX file {path}: {onnxruntime_message(exc)}") from None
     opened = open_source(source, source_options or ConvertOptions())
-    _require_tensor_task(opened.data_config, source)
+    require_tensor_task(opened.data_config, source)
     return verify_model(model, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))
 
 
-def _require_tensor_task(config: DataConfig, source: str) -> None:
+def require_tensor_task(config: DataConfig, source: str) -> None:
+    """Refuse a detection model before any work: export and verification feed one image tensor."""
     if config.task == "detection":
         raise GNSurgeonError(
             f"{source} is a detection model (a list of images in, boxes out); ONNX export and "
             "verification support models that take one image tensor"
         )
-
-
-# ------------------------------------------------------------------------------------- rendering
-def _fmt(value, spec: str = ".2e") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def model_table(report: VerifyReport):
-    from rich.table import Table
-
-    table = Table(title="Whole model: onnxruntime vs PyTorch", header_style="bold")
-    for name in ("input", "max abs", "max rel", "limit", "top-1 agree", "status"):
-        table.add_column(name, justify="left" if name in ("input", "status") else "right")
-    for row in report.model_checks:
-        status = "[green]ok[/]" if row["ok"] else f"[red]FAIL[/] {row.get('problem', '')}".strip()
-        if row.get("nonfinite"):
-            status = f"[red]FAIL[/] {row['nonfinite']} non-finite"
-        top1 = row.get("top1_agreement")
-        table.add_row(
-            row["input"],
-            _fmt(row.get("max_abs")),
-            _fmt(row.get("max_rel")),
-            _fmt(row.get("limit")),
-            "-" if top1 is None else f"{top1:.0%}",
-            status,
-        )
-    return table
-
-
-def layer_table(report: VerifyReport):
-    from rich.table import Table
-
-    table = Table(title="Every GroupNorm: its ONNX subgraph in onnxruntime vs PyTorch", header_style="bold")
-    for name in ("layer", "form", "G", "eps", "activation max abs", "worst stress input", "max abs", "limit", "status"):
-        table.add_column(name, justify="left" if name in ("layer", "form", "worst stress input", "status") else "right")
-    for row in report.layers:
-        cases = row.get("cases", {})
-        act = [r for n, r in cases.items() if n.startswith("activation")]
-        stress = {n: r for n, r in cases.items() if not n.startswith("activation")}
-        act_err = max((float("inf") if r.get("max_abs") is None else r["max_abs"] for r in act), default=None)
-        worst_name = max(stress, key=lambda n: _badness(stress[n]), default=None)
-        worst = stress.get(worst_name, {})
-        if row["ok"]:
-            status = "[green]ok[/]"
-        elif row.get("problems"):
-            status = "[red]FAIL[/] " + "; ".join(row["problems"])
-        else:
-            status = f"[red]FAIL[/] {len(row.get('failed_cases', []))} input(s)"
-        eps = row.get("graph_eps") if row.get("graph_eps") is not None else row.get("eps")
-        groups = row.get("graph_groups") if row.get("graph_groups") is not None else row.get("groups")
-        worst_abs = worst.get("max_abs")
-        table.add_row(
-            row["path"] + (f" #{row['call']}" if "call" in row else ""),
-            row.get("form", "-"),
-            str(groups if groups is not None else "-"),
-            _fmt(eps, ".0e"),
-            "NaN/inf" if act_err == float("inf") else _fmt(act_err),
-            worst_name or "-",
-            "NaN/inf" if worst and worst_abs is None else _fmt(worst_abs),
-            _fmt(worst.get("limit")),
-            status,
-        )
-    return table

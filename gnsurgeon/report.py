@@ -1,19 +1,35 @@
-"""Rendering: rich tables for people, JSON files for machines. No logic lives here."""
+"""Rendering: rich tables for people, JSON files for machines, for every command.
+
+Every table is here, and nothing here decides anything: each one lays out a report another module
+computed (a plan, a fold check, a calibration, an ONNX export or verification). The CLI imports this
+module to answer ``--help``, so it stays light.
+
+Stage: rendering, after every stage. It imports rich and the light modules :mod:`gnsurgeon.plan`,
+:mod:`gnsurgeon.files` and :mod:`gnsurgeon.verdicts`; never torch, onnx or onnxruntime (the report
+types it renders are named for type checkers only).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .files import write_text_atomically
-from .plan import Plan
+from .plan import Action, Plan
+from .verdicts import error_ratio
+
+if TYPE_CHECKING:  # annotations only: importing them at run time would load torch
+    from .onnx_export import ExportReport
+    from .onnx_verify import VerifyReport
 
 # Wide enough for the plan table when output is piped (rich falls back to 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -130,6 +146,112 @@ def run_table(run: dict) -> Table:
         table.add_column(name, justify="right" if name == "seconds" else "left", overflow="fold")
     for st in run["stages"]:
         table.add_row(st["stage"], st["status"], st.get("result", ""), st["artifact"], f"{st['seconds']:.1f}")
+    return table
+
+
+# ------------------------------------------------------------------------- export-onnx / verify-onnx
+def _fmt(value, spec: str = ".2e") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def model_table(report: VerifyReport) -> Table:
+    """One row per whole-model input: onnxruntime vs PyTorch."""
+    table = Table(title="Whole model: onnxruntime vs PyTorch", header_style="bold")
+    for name in ("input", "max abs", "max rel", "limit", "top-1 agree", "status"):
+        table.add_column(name, justify="left" if name in ("input", "status") else "right")
+    for row in report.model_checks:
+        status = "[green]ok[/]" if row["ok"] else f"[red]FAIL[/] {row.get('problem', '')}".strip()
+        if row.get("nonfinite"):
+            status = f"[red]FAIL[/] {row['nonfinite']} non-finite"
+        top1 = row.get("top1_agreement")
+        table.add_row(
+            row["input"],
+            _fmt(row.get("max_abs")),
+            _fmt(row.get("max_rel")),
+            _fmt(row.get("limit")),
+            "-" if top1 is None else f"{top1:.0%}",
+            status,
+        )
+    return table
+
+
+def layer_table(report: VerifyReport, failed_only: bool = False) -> Table:
+    """One row per GN layer call: G and eps as the graph has them, the activation's error and the
+    worst stress input's (the one furthest over its limit); ``failed_only`` keeps the failing rows."""
+    table = Table(title="Every GroupNorm: its ONNX subgraph in onnxruntime vs PyTorch", header_style="bold")
+    for name in ("layer", "form", "G", "eps", "activation max abs", "worst stress input", "max abs", "limit", "status"):
+        table.add_column(name, justify="left" if name in ("layer", "form", "worst stress input", "status") else "right")
+    for row in report.layers:
+        if not (row["ok"] and failed_only):
+            table.add_row(*_layer_cells(row))
+    return table
+
+
+def _layer_cells(row: dict) -> list[str]:
+    cases = row.get("cases", {})
+    act = [r for n, r in cases.items() if n.startswith("activation")]
+    stress = {n: r for n, r in cases.items() if not n.startswith("activation")}
+    act_err = max((float("inf") if r.get("max_abs") is None else r["max_abs"] for r in act), default=None)
+    worst_name = max(stress, key=lambda n: error_ratio(stress[n]), default=None)
+    worst = stress.get(worst_name, {})
+    if row["ok"]:
+        status = "[green]ok[/]"
+    elif row.get("problems"):
+        status = "[red]FAIL[/] " + "; ".join(row["problems"])
+    else:
+        status = f"[red]FAIL[/] {len(row.get('failed_cases', []))} input(s)"
+    eps = row.get("graph_eps") if row.get("graph_eps") is not None else row.get("eps")
+    groups = row.get("graph_groups") if row.get("graph_groups") is not None else row.get("groups")
+    worst_abs = worst.get("max_abs")
+    return [
+        row["path"] + (f" #{row['call']}" if "call" in row else ""),
+        row.get("form", "-"),
+        str(groups if groups is not None else "-"),
+        _fmt(eps, ".0e"),
+        "NaN/inf" if act_err == float("inf") else _fmt(act_err),
+        worst_name or "-",
+        "NaN/inf" if worst and worst_abs is None else _fmt(worst_abs),
+        _fmt(worst.get("limit")),
+        status,
+    ]
+
+
+def render_verification(report: VerifyReport, quiet: bool = False) -> None:
+    """Print a verification: the whole-model table, the layer table (only failing layers when
+    ``quiet``), the notes, and a one-line verdict when it passed (the CLI reports failures)."""
+    console.print(model_table(report))
+    if any(not (row["ok"] and quiet) for row in report.layers):
+        console.print(layer_table(report, failed_only=quiet))
+    for note in report.notes:
+        console.print(f"[dim]note:[/] {note}", highlight=False)
+    if report.ok:
+        console.print(
+            f"[green]verified:[/] {len(report.model_checks)} whole-model input(s) and {len(report.layers)} GN layer(s) "
+            "within limits",
+            highlight=False,
+        )
+
+
+def export_table(report: ExportReport) -> Table:
+    """Summary of an export for the terminal."""
+    table = Table(title="ONNX export", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    graph = report.graph
+    folded = sum(r["action"] == Action.FOLDED for r in report.folds)
+    kept = [r for r in report.folds if r["action"] != Action.FOLDED]
+    table.add_row("output", report.output + ("" if report.written else "  (not written: verification failed)"))
+    table.add_row("opset / GN as", f"{graph.opset} / {graph.gn_op}")
+    table.add_row("input", f"{graph.input_shape} ({'dynamic' if graph.dynamic_batch else 'static'} batch)")
+    table.add_row("GroupNorm layers", str(graph.group_norms))
+    table.add_row("BN folded into conv/linear", f"{folded} of {len(report.folds)}" if report.folds else "none left")
+    if kept:
+        reasons = Counter(r["note"] for r in kept)
+        table.add_row("BN* kept as Mul+Add (why)", "; ".join(f"{n} {r}" for r, n in reasons.items()))
+    table.add_row("onnx.checker", graph.checker)
+    top = ", ".join(f"{k} {v}" for k, v in sorted(graph.op_counts.items(), key=lambda kv: -kv[1])[:8])
+    table.add_row("nodes", top)
+    table.add_row("timings (s)", ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
     return table
 
 

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from gnsurgeon import load
 from gnsurgeon.cli import app
 from gnsurgeon.onnx_export import export_model, fold_for_export
-from gnsurgeon.onnx_verify import SCOPES_KEY, VerifyOptions, stress_inputs, verify_model
+from gnsurgeon.onnx_graph import SCOPES_KEY
+from gnsurgeon.onnx_verify import VerifyOptions, stress_inputs, verify_model
 from gnsurgeon.sources import DataConfig
 
 from .helpers import randomize_bn
