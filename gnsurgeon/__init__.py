@@ -6,7 +6,7 @@ from .calibration import CalibrationOptions, CalibrationReport, calibrate  # noq
 from .checkpoint import load, read_checkpoint, save  # noqa: E402
 from .conversion import ConvertOptions, ConvertReport, convert_source, inspect_source  # noqa: E402
 from .errors import GNSurgeonError, VerificationError  # noqa: E402
-from .finetuning import FinetuneOptions, FinetuneReport, NonFiniteLossError, finetune  # noqa: E402
+from .finetune import FinetuneOptions, FinetuneReport, NonFiniteLossError, finetune  # noqa: E402
 from .onnx_export import ExportOptions, ExportReport, export_onnx  # noqa: E402
 from .onnx_verify import VerifyOptions, VerifyReport, verify_onnx  # noqa: E402
 from .pipeline import RunReport, run_recipe  # noqa: E402

@@ -133,7 +133,7 @@ def run_recipe(
 
     ``progress``: a rich Console on which calibration and fine-tuning draw progress bars.
     """
-    from .finetuning import FinetuneOptions, finetune
+    from .finetune import FinetuneOptions, finetune
     from .onnx_export import ExportOptions, export_onnx
     from .onnx_verify import VerifyOptions
     from .report import step_progress, write_json
