@@ -119,10 +119,11 @@ def resolve_settings(
     classes and labels, the number of processes, this process's device (``cuda_bf16``: whether that
     CUDA device computes in bfloat16), the teacher's description and the parameter groups' sizes.
 
-    The rules: ``steps``, else ``epochs`` (default 1) of this process's shard in optimizer steps;
-    warmup 5% of the run unless given, never longer than it; lr and weight decay per
-    :meth:`FinetuneOptions.resolved_lr` with the effective batch (batch x accumulation x processes);
-    AMP and channels_last on for CUDA and off for CPU unless given.
+    The rules: the run is ``steps`` optimizer steps, else ``epochs`` (default 1) passes over this
+    process's shard; warmup is 5% of the run unless given, never longer than it; lr and weight decay
+    are :meth:`FinetuneOptions.resolved_lr` of the effective batch (batch x accumulation x processes)
+    and :meth:`FinetuneOptions.resolved_weight_decay`; AMP and channels_last are on for CUDA and off
+    for CPU unless given. Too few images for one batch per process is a :class:`GNSurgeonError`.
     """
     o = options
     per_epoch = _batches_per_epoch(train_images, world_size, o.batch_size)
