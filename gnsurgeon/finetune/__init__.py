@@ -27,7 +27,8 @@ resumable training state), ``trainer`` (the run), ``report`` (what it did).
 
 Stage: a stage after conversion; it reads and writes gnsurgeon checkpoints. It imports
 :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.conversion` (to open a teacher), :mod:`gnsurgeon.data`
-and the leaf utilities; nothing imports it but the CLI, the pipeline and the package root.
+and the leaf utilities; only the CLI, the pipeline and the package root import it (report.py for a
+type annotation only).
 """
 
 from .evaluation import evaluate
