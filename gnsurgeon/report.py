@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # annotations only: importing them at run time would load tor
     from .onnx_export import ExportReport
     from .onnx_verify import VerifyReport
 
+if TYPE_CHECKING:  # for the annotation only: rendering does not need torch loaded
+    from .finetuning import FinetuneReport
+
 # Wide enough for the plan table when output is piped (rich falls back to 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -138,6 +141,53 @@ def calibration_summary(cal: dict) -> str:
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
     return text
+
+
+def finetune_table(report: FinetuneReport) -> Table:
+    """The run at a glance: settings, before/after evaluation, speed, files."""
+    s = report.settings
+    table = Table(title="Fine-tuning", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    steps = f"{report.steps}" + (f" (resumed from {report.resumed_from})" if report.resumed_from is not None else "")
+    table.add_row("steps", steps)
+    table.add_row(
+        "batch",
+        f"{s.batch_size} x {s.grad_accum} accum x {s.world_size} proc = {s.effective_batch} images/step",
+    )
+    table.add_row(
+        "optimizer",
+        f"{s.optimizer} lr {s.lr:.3g}, wd {s.weight_decay:g} ({s.params.decay} tensors), "
+        f"norm/bias wd {s.norm_weight_decay:g} ({s.params.no_decay} tensors), warmup {s.warmup_steps}",
+    )
+    loss = "CE" if s.labeled else ""
+    if s.teacher:
+        loss = (loss + " + " if loss else "") + f"KD (T={s.kd_temperature:g}, weight {s.kd_weight:g})"
+    table.add_row("loss", f"{loss}: final {report.final_loss:.4f}" if report.final_loss is not None else loss)
+    table.add_row("device", f"{s.device}, amp {s.amp or 'off'}, channels_last {s.channels_last}")
+    if report.images_per_s:
+        table.add_row("speed", f"{report.images_per_s:.1f} images/s ({report.train_seconds:.1f} s training)")
+
+    def pct(value) -> str:
+        return f"{value:.2f}%" if value is not None else "-"
+
+    for when, result in (("before", report.before), ("after", report.after)):
+        if result:
+            text = f"top-1 {pct(result.get('top1'))}"
+            if "teacher_agreement" in result:
+                text += f", agreement with teacher {pct(result['teacher_agreement'])}"
+            table.add_row(when, text + f" ({result['images']} val images)")
+    if report.teacher_eval:
+        table.add_row("teacher", f"top-1 {pct(report.teacher_eval.get('top1'))}")
+    if not report.before and not report.after:
+        table.add_row("evaluation", "none (give --val DIR)")
+    broken = report.broken_images
+    if broken["count"]:
+        first = ", ".join(broken["first"])
+        table.add_row("unreadable images", f"[yellow]{broken['count']} skipped[/] (first: {first})")
+    table.add_row("output", report.output)
+    table.add_row("files", f"state {report.state_path}, metrics {report.metrics_path}")
+    return table
 
 
 def run_table(run: dict) -> Table:

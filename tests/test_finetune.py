@@ -159,7 +159,7 @@ def test_kd_alone_on_an_unlabeled_folder(ws, tmp_path):
     opts = options(ws, data=str(ws["flat"]), steps=16, batch_size=4, lr=0.05)
     opts.teacher, opts.teacher_weights = "timm:test_resnet", str(ws["teacher"])
     report = gnsurgeon.finetune(ws["gn"], out, opts)
-    assert report.settings["labeled"] is False and report.settings["teacher"] == "timm:test_resnet"
+    assert report.settings.labeled is False and report.settings.teacher == "timm:test_resnet"
     losses = train_losses(tmp_path / "kd.metrics.jsonl")
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
     assert report.after["teacher_agreement"] is not None and report.teacher_eval["top1"] is not None
@@ -341,7 +341,7 @@ def test_cuda_amp_channels_last(ws, tmp_path):
     out = tmp_path / "gpu.safetensors"
     report = gnsurgeon.finetune(ws["mixed"], out, options(ws, steps=4, device="cuda"))
     expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    assert report.settings["amp"] == expected and report.settings["channels_last"] is True
+    assert report.settings.amp == expected and report.settings.channels_last is True
     assert report.final_loss is not None and np.isfinite(report.final_loss)
     model = load(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -351,5 +351,5 @@ def test_cuda_amp_channels_last(ws, tmp_path):
 def test_cuda_compile_and_fp32(ws, tmp_path):
     out = tmp_path / "gpu.safetensors"
     report = gnsurgeon.finetune(ws["gn"], out, options(ws, steps=3, device="cuda", amp=False, compile=True))
-    assert report.settings["amp"] is None and report.settings["compile"] is True
+    assert report.settings.amp is None and report.settings.compile is True
     assert load(out) is not None

@@ -1,0 +1,154 @@
+"""What the user asks of ``gnsurgeon finetune``: every option, checked before any slow work.
+
+:class:`FinetuneOptions` is the input as given (flags, recipe, Python); what the run makes of it
+(learning rate scaled to the batch, steps from epochs, AMP on CUDA) is
+:class:`~gnsurgeon.finetuning.settings.RunSettings`. Keeping the two apart lets a recipe say
+``lr: null`` ("scale it for me") and the report say which number was used.
+
+Stage: finetune's input. It imports only :mod:`gnsurgeon.errors` and :mod:`gnsurgeon.recipes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import GNSurgeonError, VerificationError
+from ..recipes import options_from_mapping
+
+__all__ = ["BASE_LR", "DEFAULT_WEIGHT_DECAY", "OPTIMIZERS", "FinetuneOptions", "NonFiniteLossError"]
+
+OPTIMIZERS = ("sgd", "adamw")
+# Base learning rates per 32 images (linear scaling, as in the GN paper: lr = base * N / 32).
+BASE_LR = {"sgd": 0.02, "adamw": 4e-4}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.01}
+
+
+class NonFiniteLossError(VerificationError):
+    """The loss became NaN/inf: the run stopped and the last good training state was kept."""
+
+
+@dataclass
+class FinetuneOptions:
+    """Every option of ``gnsurgeon finetune``; recipes set the fields in :attr:`RECIPE_KEYS`.
+
+    ``lr=None`` scales :data:`BASE_LR` linearly with the effective batch (batch x grad_accum x
+    processes) / 32; ``weight_decay=None`` takes :data:`DEFAULT_WEIGHT_DECAY`; ``warmup_steps=None``
+    is 5% of the run. ``amp``/``channels_last`` ``None`` mean "on for CUDA, off for CPU". The
+    training state is written every ``checkpoint_every`` steps (if set), every
+    ``checkpoint_minutes`` of wall time, and at the end: time-based by default so that short runs
+    of big models do not spend their time writing optimizer state. ``resume`` continues from that
+    state when there is one (and starts from step 0, saying so, when the run never reached it).
+    ``teacher="source"`` distils from the BN model the checkpoint was converted from (its history
+    names the source and the weights file).
+    """
+
+    data: str | None = None
+    val: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    norm_weight_decay: float = 0.0
+    warmup_steps: int | None = None
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0
+    hflip: float = 0.5
+    min_crop_scale: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    amp: bool | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    eval_batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float = 5.0
+    state: str | None = None
+    metrics: str | None = None
+    resume: bool = False
+
+    RECIPE_KEYS = (
+        "steps",
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "momentum",
+        "weight_decay",
+        "norm_weight_decay",
+        "warmup_steps",
+        "grad_accum",
+        "clip_grad",
+        "label_smoothing",
+        "kd_temperature",
+        "kd_weight",
+        "hflip",
+        "min_crop_scale",
+        "seed",
+        "device",
+        "workers",
+        "amp",
+        "channels_last",
+        "compile",
+        "eval_batch_size",
+        "log_every",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "teacher",
+    )
+
+    @classmethod
+    def from_mapping(cls, values: dict, origin: str = "options") -> FinetuneOptions:
+        return options_from_mapping(cls, values, "finetune", origin)
+
+    def validate(self) -> None:
+        """Check every option before any slow work; each problem is one sentence naming the option."""
+        if self.data is None:
+            raise GNSurgeonError("a training folder is required (--data DIR)")
+        if self.steps is not None and self.epochs is not None:
+            raise GNSurgeonError("give --steps or --epochs, not both")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise GNSurgeonError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.workers < 0:
+            raise GNSurgeonError(f"--workers must be 0 or more, got {self.workers}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise GNSurgeonError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        for name in ("epochs", "lr", "kd_temperature", "checkpoint_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise GNSurgeonError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
+        for name in ("weight_decay", "norm_weight_decay", "kd_weight", "momentum", "label_smoothing"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise GNSurgeonError(f"--{name.replace('_', '-')} must be 0 or more, got {value!r}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise GNSurgeonError(f"--clip-grad must be positive, got {self.clip_grad!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise GNSurgeonError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise GNSurgeonError(f"--hflip is a probability in [0, 1], got {self.hflip}")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise GNSurgeonError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}")
+        if self.teacher_weights and not self.teacher:
+            raise GNSurgeonError("--teacher-weights needs --teacher SOURCE (the architecture to load them into)")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise GNSurgeonError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def resolved_lr(self, effective_batch: int) -> float:
+        """``lr`` as given, else :data:`BASE_LR` scaled linearly to ``effective_batch`` images per step."""
+        return self.lr if self.lr is not None else BASE_LR[self.optimizer] * effective_batch / 32
+
+    def resolved_weight_decay(self) -> float:
+        """``weight_decay`` as given, else the optimizer's :data:`DEFAULT_WEIGHT_DECAY`."""
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
