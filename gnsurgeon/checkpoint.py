@@ -26,8 +26,8 @@ from . import __version__
 from .errors import GNSurgeonError
 from .files import check_output, write_atomically
 from .layers import norm_kind
+from .models import DataConfig, SourceSpec, build_model, load_state_dict_strict
 from .plan import Plan
-from .sources import DataConfig, SourceSpec, build_model, load_state_dict_strict
 
 FORMAT_VERSION = "1"
 _PREFIX = "gnsurgeon."
