@@ -37,6 +37,7 @@ from .files import check_output, write_atomically
 from .fold import fold_into_producer, plan_folds
 from .layers import FrozenBNAffine
 from .onnx_verify import VerifyOptions, VerifyReport, _require_tensor_task, onnxruntime_message, verify_model
+from .options import NOT_IN_RECIPES
 from .plan import LayerPlan, Plan, Selection
 from .probe import make_probe_input
 from .surgery import apply_plan, make_plan, module_paths, replace_module
@@ -55,7 +56,7 @@ class ExportOptions:
     gn_op: str = "decomposed"
     dynamic_batch: bool = True
     verify: bool = True
-    force: bool = False  # write the file even when verification fails
+    force: bool = field(default=False, metadata=NOT_IN_RECIPES)  # write the file even when verification fails
     checks: VerifyOptions = field(default_factory=VerifyOptions)
 
     def resolved_opset(self) -> int:

@@ -44,6 +44,7 @@ from torch import nn
 
 from . import __version__
 from .errors import GNSurgeonError
+from .options import NOT_IN_RECIPES
 from .probe import flatten_outputs, make_probe_input
 from .sources import DataConfig
 
@@ -61,10 +62,10 @@ class VerifyOptions:
     rtol: float = DEFAULT_RTOL  # per GN layer, scaled by kappa * sqrt(group size)
     model_rtol: float = DEFAULT_MODEL_RTOL  # whole-model outputs
     batch: int = 3  # the batch > 1 used for whole-model and stress inputs
-    data: str | None = None  # image folder for real inputs
+    data: str | None = field(default=None, metadata=NOT_IN_RECIPES)  # image folder for real inputs
     max_images: int = 8
     stress: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata=NOT_IN_RECIPES)
 
     def __post_init__(self) -> None:
         for name in ("atol", "rtol", "model_rtol"):
