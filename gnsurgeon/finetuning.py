@@ -47,6 +47,7 @@ from .errors import GNSurgeonError, VerificationError
 from .files import check_output, write_atomically
 from .metrics import kl_divergence
 from .recipes import options_from_mapping
+from .report import progress_bar
 
 STATE_FORMAT = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -897,7 +898,7 @@ class _Run:
                 self._optimizer_step()
                 done = step + 1
                 if bar is not None:
-                    bar[0].update(bar[1], completed=done)
+                    bar.update(completed=done)
                 final = done == self.total
                 every = o.checkpoint_every is not None and done % o.checkpoint_every == 0
                 if not (done % o.log_every == 0 or every or final):
@@ -920,7 +921,7 @@ class _Run:
             if started is not None:
                 report.train_seconds += time.perf_counter() - started
             if bar is not None:
-                bar[0].stop()
+                bar.stop()
             del stream, loader
 
     def _flush(self, window: _Window, done: int, report: FinetuneReport, last_good, timer: float):
@@ -945,7 +946,7 @@ class _Run:
         self.metrics.write(record)
         if self.progress is not None and self.bar_task is not None:
             stats = f"loss {loss:.4f}  lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s"
-            self.bar_task[0].update(self.bar_task[1], stats=stats)
+            self.bar_task.update(stats=stats)
         window.reset(now, done + 1)
         return record, totals[5] > 0
 
@@ -1061,20 +1062,8 @@ class _Run:
     def _progress_bar(self, start: int):
         if self.progress is None:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]finetune"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=self.progress,
-        )
-        task = bar.add_task("finetune", total=self.total, completed=start, stats="")
-        bar.start()
-        self.bar_task = bar, task
-        return bar, task
+        self.bar_task = progress_bar(self.progress, "finetune", total=self.total, completed=start, transient=False)
+        return self.bar_task
 
 
 __all__ = [
