@@ -122,8 +122,8 @@ def build(cls, values: Mapping, origin: str = "options", what: str | None = None
         if f.default_factory is list and isinstance(values.get(f.name), str):
             values[f.name] = [values[f.name]]
     for name, sub in nested_options(cls).items():
-        mine = {k: values.pop(k) for k in [f.name for f in fields(sub)] if k in values}
-        if name not in values:
+        if name not in values:  # given whole (ExportOptions(checks=...)), its flat keys would be unknown
+            mine = {k: values.pop(k) for k in [f.name for f in fields(sub)] if k in values}
             values[name] = build(sub, mine, origin, what)
     return options_from_mapping(cls, values, what or cls.__name__, origin)
 
