@@ -56,8 +56,8 @@ from .errors import GNSurgeonError
 from .hooks import capture, eval_mode
 from .layers import frozen_affine_params
 from .metrics import kl_divergence
+from .models import DataConfig
 from .plan import Action, Plan
-from .sources import DataConfig
 
 _T = TypeVar("_T")
 

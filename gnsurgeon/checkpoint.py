@@ -30,8 +30,8 @@ from . import __version__
 from .errors import GNSurgeonError
 from .files import check_output, write_atomically
 from .layers import norm_kind
+from .models import DataConfig, SourceSpec, build_model, load_state_dict_strict
 from .plan import Action, Plan
-from .sources import DataConfig, SourceSpec, build_model, load_state_dict_strict
 from .surgery import apply_plan, replace_module
 
 FORMAT_VERSION = "1"

@@ -27,9 +27,9 @@ from .errors import VerificationError
 from .hooks import capture, eval_mode
 from .layers import FrozenBNAffine, norm_kind
 from .metrics import max_errors
+from .models import DataConfig
 from .plan import Action, Plan
 from .probe import flatten_outputs, make_probe_input, model_device, move_to
-from .sources import DataConfig
 from .surgery import apply_plan
 
 __all__ = ["FOLD_RTOL", "compare_freeze_fold", "run_probe"]

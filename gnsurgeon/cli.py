@@ -1,11 +1,20 @@
-"""The ``gnsurgeon`` command line: parse, call one library function, render.
+"""The ``gnsurgeon`` command line: parse, resolve options, call one library function, render.
 
-Flags default to ``None`` so that a recipe's values apply unless a flag is given explicitly.
+Flags default to ``None`` so that a recipe's values apply unless a flag is given explicitly; every
+command builds its options with :func:`gnsurgeon.options.resolve` (recipe < ``--set`` < flags).
 Exit codes: 0 success, 1 a verification failed, 2 bad input (one sentence, no traceback).
+
+The stage modules (torch, timm, onnx) are imported inside the command that needs them, the one
+place in the package where imports are lazy: ``gnsurgeon --help`` and a mistyped flag answer at
+once instead of after seconds of imports.
+
+Stage: the command line, above everything. It imports: errors, options, recipes, report at startup;
+conversion, finetuning, onnx_export, onnx_verify, pipeline, sources inside the commands.
 """
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,9 +22,9 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .conversion import ConvertOptions, convert_source, inspect_source
 from .errors import GNSurgeonError, VerificationError
-from .recipes import recipe_section
+from .options import resolve
+from .recipes import Recipe
 from .report import (
     calibration_summary,
     calibration_table,
@@ -31,7 +40,6 @@ from .report import (
     summary_table,
     write_json,
 )
-from .sources import parse_floats, parse_input_size, parse_model_kwargs
 
 app = typer.Typer(
     name="gnsurgeon",
@@ -83,7 +91,7 @@ InputSize = Annotated[str | None, typer.Option("--input-size", help="C,H,W (or C
 Mean = Annotated[str | None, typer.Option("--mean", help="Normalisation mean, comma separated.")]
 Std = Annotated[str | None, typer.Option("--std", help="Normalisation std, comma separated.")]
 CropPct = Annotated[float | None, typer.Option("--crop-pct", help="Eval center-crop fraction (data config).")]
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe; flags override it.")]
+RecipePath = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe; flags override it.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
 
@@ -92,36 +100,78 @@ def _fail(exc: GNSurgeonError) -> None:
     raise typer.Exit(1 if isinstance(exc, VerificationError) else 2)
 
 
-def _build_options(recipe: Path | None, flags: dict) -> ConvertOptions:
-    values = recipe_section(recipe, "convert", ConvertOptions.RECIPE_KEYS)
-    for key in ("only", "skip"):
-        if isinstance(values.get(key), str):
-            values[key] = [values[key]]
-    given = {k: v for k, v in flags.items() if v is not None and v != []}
-    if "groups" in given and "channels_per_group" in values:
-        values.pop("channels_per_group")  # a policy flag replaces the recipe's policy
-    if "channels_per_group" in given and "groups" in values:
-        values.pop("groups")
-    values.update(given)
-    if values.get("calibrate") is True:  # `calibrate: true` in a recipe: the images come from the command
-        raise GNSurgeonError(f"recipe {recipe} calibrates (calibrate: true): give the images with --calibrate DIR")
-    if values.get("calibrate") is False:
-        values.pop("calibrate")
-    return ConvertOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
+def parse_model_kwargs(text: str | None) -> dict:
+    """``"drop_rate=0.1,img_size=(160,160),act='relu'"`` -> dict; values are Python literals or strings."""
+    if not text:
+        return {}
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    out = {}
+    for item in filter(None, (i.strip() for i in items)):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise GNSurgeonError(f"--model-kwargs item {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
 
 
-def _convert_flags(values: dict) -> dict:
-    """The command's raw option values -> ConvertOptions fields (None where the flag was not given)."""
-    names = set(ConvertOptions.__dataclass_fields__)
-    flags = {k: v for k, v in values.items() if k in names}
-    flags["weights"] = str(values["weights"]) if values.get("weights") else None
-    flags["calibrate"] = str(values["calibrate"]) if values.get("calibrate") else None
-    flags["pretrained"] = values.get("pretrained") or None
-    flags["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs")) or None
-    flags["input_size"] = parse_input_size(values.get("input_size"))
-    flags["mean"] = parse_floats(values.get("mean"), "--mean")
-    flags["std"] = parse_floats(values.get("std"), "--std")
-    return flags
+def parse_floats(text: str | None, option: str, length: int | None = None) -> tuple[float, ...] | None:
+    """``"0.5,0.5,0.5"`` (or ``3x224x224``) -> floats; None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise GNSurgeonError(f"{option} {text!r} is not a comma-separated list of numbers") from None
+    if not values or (length is not None and len(values) != length):
+        raise GNSurgeonError(f"{option} {text!r} needs {length or 'some'} comma-separated numbers")
+    return values
+
+
+def parse_input_size(text: str | None) -> tuple[int, ...] | None:
+    values = parse_floats(text, "--input-size")
+    if values is None:
+        return None
+    if len(values) not in (3, 4) or any(v < 1 or v != int(v) for v in values):
+        raise GNSurgeonError(f"--input-size {text!r} must be C,H,W (or C,T,H,W for video) positive integers")
+    return tuple(int(v) for v in values)
+
+
+def _source_flags(values: dict) -> dict:
+    """The source flags (weights, constructor options, data-config overrides) as SourceOptions
+    fields, their strings parsed; a flag that was not given is None."""
+    return {
+        "weights": values.get("weights"),
+        "pretrained": values.get("pretrained") or None,
+        "num_classes": values.get("num_classes"),
+        "in_chans": values.get("in_chans"),
+        "model_kwargs": parse_model_kwargs(values.get("model_kwargs")),
+        "input_size": parse_input_size(values.get("input_size")),
+        "mean": parse_floats(values.get("mean"), "--mean"),
+        "std": parse_floats(values.get("std"), "--std"),
+        "crop_pct": values.get("crop_pct"),
+    }
+
+
+def _picked(cls, values: dict) -> dict:
+    """The command's option values that are fields of the options dataclass ``cls``."""
+    return {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+
+
+def _recipe(path: Path | None) -> Recipe | None:
+    return Recipe.read(path) if path is not None else None
 
 
 @app.command()
@@ -153,7 +203,7 @@ def convert(
     mean: Mean = None,
     std: Std = None,
     crop_pct: CropPct = None,
-    recipe: Recipe = None,
+    recipe: RecipePath = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     no_probe: Annotated[bool, typer.Option("--no-probe", help="Skip the probe-input check.")] = False,
     json_out: JsonOut = None,
@@ -161,9 +211,14 @@ def convert(
 ) -> None:
     """Rewrite SOURCE from BatchNorm to GroupNorm and save one checkpoint."""
     try:
-        flags = _convert_flags(locals())
-        options = _build_options(recipe, flags)
-        options.probe = not no_probe
+        values = dict(locals())
+        source_flags = _source_flags(values)
+        from .conversion import ConvertOptions, convert_source
+
+        flags = {**_picked(ConvertOptions, values), **source_flags, "probe": not no_probe}
+        options = resolve(
+            ConvertOptions, recipe=_recipe(recipe), section="convert", flags=flags, images_flag="--calibrate DIR"
+        )
         with step_progress(f"converting {source}", enabled=not quiet) as progress:
             report = convert_source(source, output, options, dry_run=dry_run, progress=progress)
     except GNSurgeonError as exc:
@@ -215,13 +270,19 @@ def inspect(
     num_classes: NumClasses = None,
     in_chans: InChans = None,
     model_kwargs: ModelKwargs = None,
-    recipe: Recipe = None,
+    recipe: RecipePath = None,
     json_out: JsonOut = None,
 ) -> None:
     """Print every normalization layer of SOURCE or CHECKPOINT: kind, C, action, G, C/G, eps, note."""
     try:
-        flags = _convert_flags(locals())
-        options = _build_options(recipe, flags)
+        values = dict(locals())
+        source_flags = _source_flags(values)
+        from .conversion import ConvertOptions, inspect_source
+
+        flags = {**_picked(ConvertOptions, values), **source_flags}
+        options = resolve(
+            ConvertOptions, recipe=_recipe(recipe), section="convert", flags=flags, images_flag="--calibrate DIR"
+        )
         report = inspect_source(source, options)
     except GNSurgeonError as exc:
         _fail(exc)
@@ -235,22 +296,7 @@ def inspect(
             _fail(exc)
 
 
-# --- calibrate (issue 4) ---
-
-
 # --- finetune command (issue 5) ---
-def _finetune_options(recipe: Path | None, flags: dict):
-    """Recipe section ``finetune`` first, then the flags that were given."""
-    from .finetuning import FinetuneOptions
-
-    values = recipe_section(recipe, "finetune", FinetuneOptions.RECIPE_KEYS)
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
-    if "steps" in given:
-        values.pop("epochs", None)  # a flag's run length replaces the recipe's
-    if "epochs" in given:
-        values.pop("steps", None)
-    values.update(given)
-    return FinetuneOptions.from_mapping(values, f"recipe {recipe}" if recipe else "options")
 
 
 @app.command("finetune")
@@ -309,22 +355,22 @@ def finetune_command(
     state: Annotated[Path | None, typer.Option("--state", help="Training state file (OUT.state.pt).")] = None,
     metrics: Annotated[Path | None, typer.Option("--metrics", help="Metrics JSON lines (OUT.metrics.jsonl).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the training state, if any.")] = False,
-    recipe: Recipe = None,
+    recipe: RecipePath = None,
     json_out: JsonOut = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune CHECKPOINT on an image folder (optionally distilling from the BN original)."""
     import os
 
-    from .finetuning import FinetuneOptions, finetune
-
+    values = dict(locals())
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         if output is None:
             raise GNSurgeonError("an output file is required (-o OUT.safetensors)")
-        flags = {k: v for k, v in locals().items() if k in FinetuneOptions.__dataclass_fields__}
-        flags["resume"] = resume or None
-        options = _finetune_options(recipe, flags)
+        from .finetuning import FinetuneOptions, finetune
+
+        flags = _picked(FinetuneOptions, values)
+        options = resolve(FinetuneOptions, recipe=_recipe(recipe), section="finetune", flags=flags)
         report = finetune(checkpoint, output, options, progress=None if quiet else err_console)
     except GNSurgeonError as exc:
         _fail(exc)
@@ -350,31 +396,18 @@ ModelRtol = Annotated[float, typer.Option("--model-rtol", help="Relative error a
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only failing layers and the summary.")]
 
 
-def _onnx_source_options(values: dict):
-    """The source flags (weights, constructor kwargs, input size) as ConvertOptions."""
-    return ConvertOptions(
-        weights=str(values["weights"]) if values.get("weights") else None,
-        pretrained=bool(values.get("pretrained")),
-        num_classes=values.get("num_classes"),
-        in_chans=values.get("in_chans"),
-        model_kwargs=parse_model_kwargs(values.get("model_kwargs")),
-        input_size=parse_input_size(values.get("input_size")),
-        mean=parse_floats(values.get("mean"), "--mean"),
-        std=parse_floats(values.get("std"), "--std"),
-    )
-
-
-def _onnx_checks(values: dict):
+def _onnx_options(cls, values: dict):
+    """ExportOptions (with its nested VerifyOptions) or VerifyOptions from the command's flags."""
     from .onnx_verify import VerifyOptions
 
-    return VerifyOptions(
-        atol=values["atol"],
-        rtol=values["rtol"],
-        model_rtol=values["model_rtol"],
-        batch=values["batch"],
-        data=str(values["data"]) if values.get("data") else None,
-        max_images=values["max_images"],
-    )
+    return resolve(cls, flags={**_picked(VerifyOptions, values), **_picked(cls, values)})
+
+
+def _source_options(source_flags: dict):
+    """SourceOptions from :func:`_source_flags`' parsed values."""
+    from .sources import SourceOptions
+
+    return resolve(SourceOptions, flags=source_flags)
 
 
 def _verification_failed(report, extra: str = "") -> None:
@@ -413,13 +446,14 @@ def export_onnx_command(
     quiet: Quiet = False,
 ) -> None:
     """Export SOURCE or CHECKPOINT to ONNX (BN folded, GN as asked) and verify it in onnxruntime."""
-    from .onnx_export import ExportOptions, export_onnx
-
     try:
-        values = locals()
-        options = ExportOptions(opset, gn_op, dynamic_batch, not no_verify, force, _onnx_checks(values))
-        with console.status(f"exporting {source} ..."):
-            report = export_onnx(source, output, options, _onnx_source_options(values))
+        values = {**dict(locals()), "verify": not no_verify}
+        source_flags = _source_flags(values)
+        from .onnx_export import ExportOptions, export_onnx
+
+        options = _onnx_options(ExportOptions, values)
+        with step_progress(f"exporting {source}"):
+            report = export_onnx(source, output, options, _source_options(source_flags))
         if json_out:
             write_json(json_out, report.to_dict())
     except GNSurgeonError as exc:
@@ -454,12 +488,14 @@ def verify_onnx_command(
     quiet: Quiet = False,
 ) -> None:
     """Check ONNX_FILE against SOURCE or CHECKPOINT: whole model, then every GroupNorm with stress inputs."""
-    from .onnx_verify import verify_onnx
-
     try:
-        values = locals()
-        with console.status(f"verifying {onnx_file} ..."):
-            report = verify_onnx(onnx_file, source, _onnx_checks(values), _onnx_source_options(values))
+        values = dict(locals())
+        source_flags = _source_flags(values)
+        from .onnx_verify import VerifyOptions, verify_onnx
+
+        options = _onnx_options(VerifyOptions, values)
+        with step_progress(f"verifying {onnx_file}"):
+            report = verify_onnx(onnx_file, source, options, _source_options(source_flags))
         if json_out:
             write_json(json_out, report.to_dict())
     except GNSurgeonError as exc:
@@ -493,18 +529,17 @@ def run_command(
     json_out: JsonOut = None,
 ) -> None:
     """Run convert (+ calibrate) -> finetune -> export-onnx as RECIPE says; resumes finished stages."""
-    from .pipeline import SOURCE_KEYS, run_recipe
-
     try:
-        flags = _convert_flags(locals())
-        source_options = {k: flags[k] for k in SOURCE_KEYS}
+        source_flags = _source_flags(dict(locals()))
+        from .pipeline import run_recipe
+
         report = run_recipe(
             recipe,
             source,
             output,
             data=str(data) if data else None,
             val=str(val) if val else None,
-            source_options=source_options,
+            source_options=_source_options(source_flags),
             overrides=list(set_ or []),
             stage_callback=lambda name: console.rule(f"[bold]{name}"),
             progress=err_console,

@@ -3,6 +3,9 @@
 ``convert_source`` runs the whole stage: open the source (build + weights, or a gnsurgeon
 checkpoint), plan, apply, check the result on a probe input, save one checkpoint. The CLI only
 parses options into :class:`ConvertOptions` and renders the returned :class:`ConvertReport`.
+
+Stage: convert (+ calibrate), the first stage. It imports: calibration, checkpoint, errors, files,
+fold, options, plan, probe, sources, surgery.
 """
 
 from __future__ import annotations
@@ -12,26 +15,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from . import __version__
 from .calibration import CalibrationOptions, calibrate
-from .checkpoint import history_entry, is_checkpoint, load, read_checkpoint, save
+from .checkpoint import history_entry, is_checkpoint, read_checkpoint, save
 from .checks import compare_freeze_fold, run_probe
 from .errors import GNSurgeonError
 from .files import check_output
 from .fold import plan_folds
-from .plan import GroupPolicy, LayerPlan, Plan, Selection
+from .options import IMAGES, NOT_IN_RECIPES, build
+from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 from .probe import make_probe_input
-from .recipes import options_from_mapping
-from .sources import DataConfig, SourceSpec, build_model, data_config_for, load_state_dict_strict, read_state_dict
+from .sources import DataConfig, OpenedSource, SourceOptions, open_source
 from .surgery import apply_plan, make_plan
 
 
 @dataclass
-class ConvertOptions:
-    """Every option of ``gnsurgeon convert``; recipes set the fields listed in :attr:`RECIPE_KEYS`."""
+class ConvertOptions(SourceOptions):
+    """Every option of ``gnsurgeon convert``: how to open the source (the inherited
+    :class:`~gnsurgeon.sources.SourceOptions` fields), the group policy, which layers, freezing and
+    folding, calibration. Recipes set every field not marked out of them (source options, ``probe``).
+    ``calibrate: true`` in a recipe means "on the command's images" (:mod:`gnsurgeon.options`).
+    """
 
     groups: int | None = None
     channels_per_group: int | None = None
@@ -42,18 +46,8 @@ class ConvertOptions:
     include_1d: bool = False
     freeze: list[str] = field(default_factory=list)
     fold: bool = False
-    weights: str | None = None
-    pretrained: bool = False
-    num_classes: int | None = None
-    in_chans: int | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    input_size: tuple[int, ...] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    crop_pct: float | None = None
-    probe: bool = True
-    seed: int = 0
-    calibrate: str | None = None
+    probe: bool = field(default=True, metadata=NOT_IN_RECIPES)
+    calibrate: str | None = field(default=None, metadata={IMAGES: "calibrates"})
     calib_samples: int = 256
     calib_method: str = "block"
     calib_steps: int = 150
@@ -61,26 +55,6 @@ class ConvertOptions:
     calib_batch_size: int = 32
     calib_device: str = "auto"
     bn_free: bool = False
-
-    RECIPE_KEYS = (
-        "groups",
-        "channels_per_group",
-        "min_group_channels",
-        "strict",
-        "only",
-        "skip",
-        "include_1d",
-        "freeze",
-        "fold",
-        "calibrate",
-        "calib_samples",
-        "calib_method",
-        "calib_steps",
-        "calib_final_steps",
-        "calib_batch_size",
-        "calib_device",
-        "bn_free",
-    )
 
     def policy(self) -> GroupPolicy:
         groups = self.groups
@@ -103,71 +77,9 @@ class ConvertOptions:
             seed=self.seed,
         )
 
-    def constructor_kwargs(self) -> dict:
-        kwargs = dict(self.model_kwargs)
-        if self.num_classes is not None:
-            kwargs["num_classes"] = self.num_classes
-        if self.in_chans is not None:
-            kwargs["in_chans"] = self.in_chans
-        return kwargs
-
     @classmethod
     def from_mapping(cls, values: dict, origin: str = "options") -> ConvertOptions:
-        return options_from_mapping(cls, values, "convert", origin)
-
-
-@dataclass
-class OpenedSource:
-    """A model ready for surgery, with what is needed to save it again."""
-
-    model: nn.Module
-    spec: SourceSpec | None
-    data_config: DataConfig
-    plan: Plan | None = None  # the plan already applied (checkpoint sources)
-    history: list = field(default_factory=list)
-    build_seconds: float = 0.0
-
-
-def open_source(source: str, options: ConvertOptions | None = None) -> OpenedSource:
-    """``timm:NAME`` / ``torchvision:NAME`` (+ weights) or a gnsurgeon checkpoint -> model."""
-    options = options or ConvertOptions()
-    start = time.perf_counter()
-    if is_checkpoint(source):
-        if options.constructor_kwargs() or options.weights or options.pretrained:
-            raise GNSurgeonError(
-                f"source {source} is a gnsurgeon checkpoint: constructor options, --weights and "
-                "--pretrained do not apply to it"
-            )
-        info = read_checkpoint(source)
-        model = load(source)
-        opened = OpenedSource(model, info.source, info.data_config, info.plan, list(info.history))
-    else:
-        if Path(source).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(source).exists():
-            if not Path(source).exists():
-                raise GNSurgeonError(f"source file {source} does not exist")
-            raise GNSurgeonError(
-                f"source {source} is not a gnsurgeon checkpoint; name the architecture "
-                "(timm:NAME or torchvision:NAME) and pass the file with --weights"
-            )
-        spec = SourceSpec.parse(source, options.constructor_kwargs(), options.pretrained)
-        torch.manual_seed(options.seed)  # random-init models are reproducible
-        model = build_model(spec)
-        if options.weights:
-            state = read_state_dict(options.weights)
-            load_state_dict_strict(model, state, f"weights file {options.weights}")
-        opened = OpenedSource(model, spec, data_config_for(spec, model))
-    if options.input_size is not None:
-        opened.data_config.input_size = tuple(options.input_size)
-    if options.mean is not None:
-        opened.data_config.mean = tuple(options.mean)
-    if options.std is not None:
-        opened.data_config.std = tuple(options.std)
-    if options.crop_pct is not None:
-        if not 0 < options.crop_pct <= 1:
-            raise GNSurgeonError(f"--crop-pct {options.crop_pct} must be in (0, 1]")
-        opened.data_config.crop_pct = float(options.crop_pct)
-    opened.build_seconds = time.perf_counter() - start
-    return opened
+        return build(cls, values, origin, "convert")
 
 
 def merge_plans(previous: Plan | None, new: Plan) -> Plan:
@@ -177,14 +89,14 @@ def merge_plans(previous: Plan | None, new: Plan) -> Plan:
         return new
     fresh = new.by_path()
     old = previous.by_path()
-    layers = [fresh.get(lp.path, lp) if lp.action == "keep" else lp for lp in previous]
+    layers = [fresh.get(lp.path, lp) if lp.action == Action.KEEP else lp for lp in previous]
     layers += [lp for lp in new if lp.path not in old]
     return Plan(layers=layers, options=new.options)
 
 
 def require_bn_free(plan: Plan) -> None:
     """``--bn-free`` (e.g. for DP-SGD, where opacus rejects any batch statistics): no layer may stay BN."""
-    kept = plan.with_action("keep")
+    kept = plan.with_action(Action.KEEP)
     if kept:
         listed = ", ".join(f"{lp.path} ({lp.note})" for lp in kept[:3])
         raise GNSurgeonError(f"--bn-free: {len(kept)} layer(s) would stay batch norms: {listed}")
@@ -248,17 +160,7 @@ def convert_source(
         output = check_output(output, ".safetensors")
     opened = open_source(source, options)
     start = time.perf_counter()
-    delta = make_plan(opened.model, policy, selection)
-    if options.fold:
-        delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
-    plan = merge_plans(opened.plan, delta)
-    if options.calibrate and not delta.with_action("gn"):
-        raise GNSurgeonError(
-            f"--calibrate: this run converts no layer of {source} to GroupNorm; calibration fits new GN "
-            "layers against their BN originals, so calibrate while converting from the BN model"
-        )
-    if options.bn_free:
-        require_bn_free(plan)
+    delta, plan = _plans(source, opened, options, policy, selection)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
         str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
@@ -266,7 +168,8 @@ def convert_source(
     if dry_run:
         return report
     start = time.perf_counter()
-    converted = apply_plan(opened.model, Plan(delta.with_action("gn", "frozen", "folded"), delta.options))
+    changed = Plan(delta.with_action(Action.GN, Action.FROZEN, Action.FOLDED), delta.options)
+    converted = apply_plan(opened.model, changed)
     timings["convert"] = round(time.perf_counter() - start, 4)
     if options.calibrate:
         start = time.perf_counter()
@@ -277,32 +180,57 @@ def convert_source(
         timings["calibrate"] = round(time.perf_counter() - start, 4)
     if options.probe:
         start = time.perf_counter()
-        report.probe = run_probe(opened.model, converted, opened.data_config, plan)
-        if delta.with_action("frozen", "folded"):
-            example = make_probe_input(opened.data_config, batch=2, seed=options.seed + 1)
-            report.fold_check = compare_freeze_fold(opened.model, converted, delta, example)
+        _check_result(opened, converted, delta, options, report)
         timings["probe"] = round(time.perf_counter() - start, 4)
-    history = opened.history + [
-        history_entry(
-            "convert",
-            source=str(source),
-            weights=options.weights,
-            pretrained=options.pretrained,
-            options=delta.options,
-            converted=len(delta.with_action("gn")),
-            frozen=len(delta.with_action("frozen")),
-            folded=len(delta.with_action("folded")),
-            calibration=(
-                {k: report.calibration[k] for k in ("method", "samples", "holdout", "before", "after", "seconds")}
-                if report.calibration
-                else None
-            ),
-        )
-    ]
+    history = opened.history + [_history_entry(source, options, delta, report)]
     start = time.perf_counter()
     save(output, converted, plan, source=opened.spec, data_config=opened.data_config, history=history)
     timings["save"] = round(time.perf_counter() - start, 4)
     return report
+
+
+def _plans(source: str, opened: OpenedSource, options: ConvertOptions, policy, selection) -> tuple[Plan, Plan]:
+    """What this run changes (the delta) and the whole model's plan after it, checked against
+    ``--calibrate`` (something must become GN) and ``--bn-free`` (nothing may stay BN)."""
+    delta = make_plan(opened.model, policy, selection)
+    if options.fold:
+        delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
+    plan = merge_plans(opened.plan, delta)
+    if options.calibrate and not delta.with_action(Action.GN):
+        raise GNSurgeonError(
+            f"--calibrate: this run converts no layer of {source} to GroupNorm; calibration fits new GN "
+            "layers against their BN originals, so calibrate while converting from the BN model"
+        )
+    if options.bn_free:
+        require_bn_free(plan)
+    return delta, plan
+
+
+def _check_result(opened: OpenedSource, converted, delta: Plan, options: ConvertOptions, report: ConvertReport):
+    """The probe (finite outputs, no selected BN left) and, where BN* was made, the freeze/fold check."""
+    report.probe = run_probe(opened.model, converted, opened.data_config, report.plan)
+    if delta.with_action(Action.FROZEN, Action.FOLDED):
+        example = make_probe_input(opened.data_config, batch=2, seed=options.seed + 1)
+        report.fold_check = compare_freeze_fold(opened.model, converted, delta, example)
+
+
+def _history_entry(source: str, options: ConvertOptions, delta: Plan, report: ConvertReport) -> dict:
+    calibration = report.calibration
+    return history_entry(
+        "convert",
+        source=str(source),
+        weights=options.weights,
+        pretrained=options.pretrained,
+        options=delta.options,
+        converted=len(delta.with_action(Action.GN)),
+        frozen=len(delta.with_action(Action.FROZEN)),
+        folded=len(delta.with_action(Action.FOLDED)),
+        calibration=(
+            {k: calibration[k] for k in ("method", "samples", "holdout", "before", "after", "seconds")}
+            if calibration
+            else None
+        ),
+    )
 
 
 @dataclass

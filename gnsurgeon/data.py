@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import GNSurgeonError
-from .sources import DataConfig
+from .models import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 NO_LABEL = -1

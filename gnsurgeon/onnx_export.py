@@ -36,14 +36,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .conversion import ConvertOptions, open_source
 from .errors import GNSurgeonError, VerificationError
 from .files import check_output, write_atomically
 from .fold import fold_into_producer, plan_folds
 from .layers import FrozenBNAffine
 from .onnx_verify import VerifyOptions, VerifyReport, onnxruntime_message, require_tensor_task, verify_model
+from .options import NOT_IN_RECIPES
 from .plan import Action, LayerPlan, Plan, Selection
 from .probe import make_probe_input
+from .sources import SourceOptions, open_source
 from .surgery import apply_plan, make_plan, module_paths, replace_module
 
 GN_OPS = ("decomposed", "native")
@@ -54,13 +55,13 @@ DEFAULT_OPSET = {"decomposed": 18, "native": 21}
 
 @dataclass
 class ExportOptions:
-    """Every option of ``gnsurgeon export-onnx`` except the source's (see ConvertOptions)."""
+    """Every option of ``gnsurgeon export-onnx`` except the source's (see SourceOptions)."""
 
     opset: int | None = None  # None: 18 for decomposed, 21 for native
     gn_op: str = "decomposed"
     dynamic_batch: bool = True
     verify: bool = True
-    force: bool = False  # write the file even when verification fails
+    force: bool = field(default=False, metadata=NOT_IN_RECIPES)  # write the file even when verification fails
     checks: VerifyOptions = field(default_factory=VerifyOptions)
 
     def resolved_opset(self) -> int:
@@ -289,11 +290,11 @@ def export_onnx(
     source: str,
     output: str | Path,
     options: ExportOptions | None = None,
-    source_options: ConvertOptions | None = None,
+    source_options: SourceOptions | None = None,
 ) -> ExportReport:
     """Export ``source`` (``timm:``/``torchvision:`` name or gnsurgeon checkpoint) to ``output``.
 
-    ``source_options`` is a :class:`~gnsurgeon.conversion.ConvertOptions` for opening the source
+    ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for opening the source
     (weights, constructor kwargs, ``input_size``). BN is folded, the graph checked with
     ``onnx.checker``, then verified (``options.verify``). The file is written only when verification
     passes, or with ``options.force``; ``report.ok`` says which.
@@ -302,7 +303,7 @@ def export_onnx(
     opset = options.resolved_opset()
     output = check_output(output, ".onnx")
     start = time.perf_counter()
-    opened = open_source(source, source_options or ConvertOptions())
+    opened = open_source(source, source_options or SourceOptions())
     require_tensor_task(opened.data_config, source)
     reference = opened.model.float().eval()
     timings = {"build": round(time.perf_counter() - start, 3)}

@@ -48,14 +48,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .conversion import ConvertOptions, open_source
 from .data import ImageFolderData, collate_skip_broken, eval_transform
 from .errors import GNSurgeonError
 from .hooks import capture
 from .metrics import max_errors
+from .models import DataConfig
 from .onnx_graph import GNSubgraph, OnnxGraph, extract_subgraph, locate_group_norms, model_input, model_opset
+from .options import NOT_IN_RECIPES
 from .probe import flatten_outputs, make_probe_input
-from .sources import DataConfig
+from .sources import SourceOptions, open_source
 from .verdicts import CheckerFailure, LayerMismatch, LayerNotFound, ModelMismatch, VerifyFailure, error_ratio
 
 __all__ = [
@@ -90,10 +91,10 @@ class VerifyOptions:
     rtol: float = DEFAULT_RTOL  # per GN layer, scaled by kappa * sqrt(group size)
     model_rtol: float = DEFAULT_MODEL_RTOL  # whole-model outputs
     batch: int = 3  # the batch > 1 used for whole-model and stress inputs
-    data: str | None = None  # image folder for real inputs
+    data: str | None = field(default=None, metadata=NOT_IN_RECIPES)  # image folder for real inputs
     max_images: int = 8
     stress: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata=NOT_IN_RECIPES)
 
     def __post_init__(self) -> None:
         for name in ("atol", "rtol", "model_rtol"):
@@ -526,11 +527,11 @@ def verify_onnx(
     onnx_file: str | Path,
     source: str,
     options: VerifyOptions | None = None,
-    source_options: ConvertOptions | None = None,
+    source_options: SourceOptions | None = None,
 ) -> VerifyReport:
     """Check an existing ONNX file against the checkpoint or model source it should compute.
 
-    ``source_options`` is a :class:`~gnsurgeon.conversion.ConvertOptions` for the source (weights,
+    ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for the source (weights,
     constructor kwargs, input size). Returns the report; ``report.ok`` is False when a check failed.
     """
     import onnx
@@ -543,7 +544,7 @@ def verify_onnx(
         model = onnx.load(str(path))
     except Exception as exc:  # DecodeError, OSError, missing external data
         raise GNSurgeonError(f"cannot read ONNX file {path}: {onnxruntime_message(exc)}") from None
-    opened = open_source(source, source_options or ConvertOptions())
+    opened = open_source(source, source_options or SourceOptions())
     require_tensor_task(opened.data_config, source)
     return verify_model(model, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))
 

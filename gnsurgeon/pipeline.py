@@ -4,7 +4,11 @@
 report into one output folder, and records what it finished in ``run-state.json``. Re-running the
 same command skips every stage whose inputs and options are unchanged and whose artifact is still
 there, so an interrupted run resumes from the last finished stage (and finetune itself resumes
-from its last periodic state).
+from its last periodic state). Every stage's options are resolved (:func:`gnsurgeon.options.resolve`)
+before the first stage starts, so a typo in the export section costs a second, not a fine-tune.
+
+Stage: the workflow, above every stage. It imports: checkpoint, conversion, errors, files,
+finetuning, onnx_export, onnx_verify, options, recipes, report, sources.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import __version__
@@ -20,23 +25,12 @@ from .checkpoint import read_checkpoint
 from .conversion import ConvertOptions, convert_source
 from .errors import GNSurgeonError, VerificationError
 from .files import write_text_atomically
-from .recipes import check_section_keys, read_recipe
-
-# Keys of the recipe's ``export`` section: ExportOptions fields, then VerifyOptions fields.
-EXPORT_KEYS = ("opset", "gn_op", "dynamic_batch", "verify")
-VERIFY_KEYS = ("atol", "rtol", "model_rtol", "batch", "max_images", "stress")
-_EXCLUSIVE = {"steps": "epochs", "epochs": "steps", "groups": "channels_per_group", "channels_per_group": "groups"}
-SOURCE_KEYS = (
-    "weights",
-    "pretrained",
-    "num_classes",
-    "in_chans",
-    "model_kwargs",
-    "input_size",
-    "mean",
-    "std",
-    "crop_pct",
-)
+from .finetuning import FinetuneOptions, finetune
+from .onnx_export import ExportOptions, export_onnx
+from .options import build, given, merge, resolve
+from .recipes import Recipe
+from .report import step_progress, write_json
+from .sources import SourceOptions
 
 
 @dataclass
@@ -70,27 +64,6 @@ def _file_id(path: str | None) -> list | None:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> dict[str, dict]:
-    """``section.key=value`` strings (values as YAML scalars) on top of the recipe's sections."""
-    import yaml
-
-    out = {k: dict(v) for k, v in sections.items()}
-    for item in overrides:
-        target, sep, raw = item.partition("=")
-        section, dot, key = target.partition(".")
-        if not sep or not dot or not key:
-            raise GNSurgeonError(f"--set {item!r} is not SECTION.KEY=VALUE (e.g. finetune.steps=100)")
-        if section not in ("convert", "finetune", "export"):
-            raise GNSurgeonError(f"--set {item!r}: unknown section {section!r} (convert, finetune, export)")
-        if section not in out:
-            raise GNSurgeonError(f"--set {item!r}: the recipe has no {section!r} section to override")
-        out[section][key] = yaml.safe_load(raw)
-        rival = _EXCLUSIVE.get(key)
-        if rival:  # e.g. --set finetune.steps=100 replaces the recipe's `epochs`
-            out[section].pop(rival, None)
-    return out
-
-
 def stage_result(name: str, report: dict) -> str:
     """One line per stage for the run table: what the stage achieved, from its report."""
     if name == "convert":
@@ -117,6 +90,106 @@ def stage_result(name: str, report: dict) -> str:
     return ""
 
 
+
+
+@dataclass
+class RunStages:
+    """Every stage's options and fingerprint for one run, resolved before the first stage starts.
+
+    A fingerprint covers a stage's inputs (the previous stage's fingerprint, the recipe values with
+    their ``--set`` overrides, the image folders) so that a changed option re-runs that stage and
+    the ones after it, and nothing before it.
+    """
+
+    convert: ConvertOptions
+    convert_fp: str
+    finetune: FinetuneOptions | None = None
+    finetune_fp: str | None = None
+    export: ExportOptions | None = None
+    export_fp: str | None = None
+
+
+def _source_options(value: SourceOptions | dict | None) -> SourceOptions:
+    """``run_recipe``'s ``source_options``: a SourceOptions, or a dict of its fields (checked)."""
+    if value is None:
+        return SourceOptions()
+    if isinstance(value, SourceOptions):
+        return value
+    if isinstance(value, dict):
+        return build(SourceOptions, given(value), "source_options", "source")
+    raise GNSurgeonError(f"source_options must be a SourceOptions or a dict, got {type(value).__name__}")
+
+
+def resolve_stages(
+    recipe: Recipe, source: str, out: Path, data: str | None, val: str | None, source_options: SourceOptions
+) -> RunStages:
+    """The options of every stage ``recipe`` has a section for (convert always runs), with the
+    run's own values on top: the source options, ``--data``/``--val``, the training state's name."""
+    source_flags = {f.name: getattr(source_options, f.name) for f in fields(SourceOptions)}
+    convert = resolve(ConvertOptions, recipe=recipe, section="convert", flags=source_flags, images=data)
+    stages = RunStages(convert, _fingerprint(source, convert.__dict__, _file_id(convert.weights)))
+    if recipe.has("finetune"):
+        fp = _fingerprint(stages.convert_fp, merge([v for v, _ in recipe.layers("finetune")]), data, val)
+        # The training state is named by its inputs: a re-run with other options starts afresh,
+        # an interrupted run with the same options resumes where it stopped.
+        run_flags = {"state": str(out / f"finetune-{fp}.state.pt"), "metrics": str(out / "finetune-metrics.jsonl")}
+        flags = {"data": data, "val": val, "resume": True, **run_flags}
+        stages.finetune = resolve(FinetuneOptions, recipe=recipe, section="finetune", flags=flags)
+        stages.finetune_fp = fp
+        if not data:
+            raise GNSurgeonError(f"{recipe.origin} fine-tunes: give the training images with --data DIR")
+    if recipe.has("export"):
+        stages.export = resolve(ExportOptions, recipe=recipe, section="export")
+        last_fp = stages.finetune_fp or stages.convert_fp
+        stages.export_fp = _fingerprint(last_fp, merge([v for v, _ in recipe.layers("export")]), val or data)
+    return stages
+
+
+class StageRunner:
+    """Runs one stage unless ``run-state.json`` says it is done with the same fingerprint and its
+    artifact is still there; records it in the run's report and state file when it finishes."""
+
+    def __init__(self, out: Path, report: RunReport, callback: Callable[[str], None] | None):
+        self.out, self.report, self.callback = out, report, callback
+        self.state_path = out / "run-state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    def run(self, name: str, fingerprint: str, artifact: Path, work: Callable[[], object]) -> None:
+        done = self.state.get(name, {})
+        if done.get("fingerprint") == fingerprint and artifact.exists():
+            self.report.stages.append({**done, "status": "skipped (already done)"})
+            return
+        if self.callback:
+            self.callback(name)
+        start = time.perf_counter()
+        result = work()
+        entry = {
+            "stage": name,
+            "fingerprint": fingerprint,
+            "artifact": str(artifact),
+            "report": str(self.out / f"{name}.json"),
+            "seconds": round(time.perf_counter() - start, 2),
+            "result": stage_result(name, result.to_dict()),
+        }
+        write_json(self.out / f"{name}.json", result.to_dict())
+        self.state[name] = entry
+        write_text_atomically(self.state_path, json.dumps(self.state, indent=2))
+        self.report.stages.append({**entry, "status": "done"})
+
+
+def _export(checkpoint: Path, onnx_path: Path, options: ExportOptions, images: str | None, show: bool):
+    """Export and verify; real images check the export too where the model eats images (not clips).
+    A failed verification writes its report and stops the run (exit 1)."""
+    image_model = len(read_checkpoint(checkpoint).data_config.input_size) == 3
+    options = replace(options, checks=replace(options.checks, data=images if image_model else None))
+    with step_progress(f"exporting {checkpoint.name} to ONNX and verifying it", enabled=show):
+        result = export_onnx(str(checkpoint), onnx_path, options)
+    if not result.ok:
+        write_json(onnx_path.parent / "export.json", result.to_dict())
+        raise VerificationError(f"ONNX verification failed; see {onnx_path.parent / 'export.json'}")
+    return result
+
+
 def run_recipe(
     recipe: str | Path,
     source: str,
@@ -124,116 +197,47 @@ def run_recipe(
     *,
     data: str | None = None,
     val: str | None = None,
-    source_options: dict | None = None,
+    source_options: SourceOptions | dict | None = None,
     overrides: list[str] | None = None,
-    stage_callback=None,
+    stage_callback: Callable[[str], None] | None = None,
     progress=None,
 ) -> RunReport:
     """Run every stage ``recipe`` has a section for on ``source``; artifacts go to ``outdir``.
 
-    ``progress``: a rich Console on which calibration and fine-tuning draw progress bars.
+    ``source_options``: how to open ``source`` (weights, constructor options, input size), as
+    :class:`~gnsurgeon.SourceOptions` or a dict of its fields. ``overrides``: ``SECTION.KEY=VALUE``
+    strings, as ``--set``. ``progress``: a rich Console on which calibration and fine-tuning show
+    progress (bars on a terminal, plain lines in a log).
     """
-    from .finetuning import FinetuneOptions, finetune
-    from .onnx_export import ExportOptions, export_onnx
-    from .onnx_verify import VerifyOptions
-    from .report import step_progress, write_json
-
-    recipe = str(recipe)
-    sections = apply_overrides(read_recipe(recipe), overrides or [])
-    source_options = {k: v for k, v in (source_options or {}).items() if v is not None}
-    check_section_keys("convert", sections.get("convert", {}), ConvertOptions.RECIPE_KEYS, recipe)
-    check_section_keys("finetune", sections.get("finetune", {}), FinetuneOptions.RECIPE_KEYS, recipe)
-    check_section_keys("export", sections.get("export", {}), EXPORT_KEYS + VERIFY_KEYS, recipe)
-    bad_source = set(source_options) - set(SOURCE_KEYS)
-    if bad_source:
-        raise GNSurgeonError(f"unknown source option(s) {', '.join(sorted(bad_source))}")
-    if "finetune" in sections and not data:
-        raise GNSurgeonError(f"recipe {recipe} fine-tunes: give the training images with --data DIR")
-
+    parsed = Recipe.read(recipe, list(overrides or []))
     out = Path(outdir)
+    stages = resolve_stages(parsed, source, out, data, val, _source_options(source_options))
     if out.exists() and not out.is_dir():
         raise GNSurgeonError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "run-state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    report = RunReport(recipe, source, str(out))
-
-    def stage(name: str, fingerprint: str, artifact: Path, work) -> None:
-        done = state.get(name, {})
-        if done.get("fingerprint") == fingerprint and artifact.exists():
-            report.stages.append({**done, "status": "skipped (already done)"})
-            return
-        if stage_callback:
-            stage_callback(name)
-        start = time.perf_counter()
-        result = work()
-        entry = {
-            "stage": name,
-            "fingerprint": fingerprint,
-            "artifact": str(artifact),
-            "report": str(out / f"{name}.json"),
-            "seconds": round(time.perf_counter() - start, 2),
-            "result": stage_result(name, result.to_dict()),
-        }
-        write_json(out / f"{name}.json", result.to_dict())
-        state[name] = entry
-        write_text_atomically(state_path, json.dumps(state, indent=2))
-        report.stages.append({**entry, "status": "done"})
-
-    # 1. convert (and calibrate: `calibrate: true` in the recipe means "on the --data images")
-    convert_body = dict(sections.get("convert", {}))
-    if convert_body.get("calibrate") is True:
-        if not data:
-            raise GNSurgeonError(f"recipe {recipe} calibrates: give the images with --data DIR")
-        convert_body["calibrate"] = data
-    elif convert_body.get("calibrate") is False:
-        convert_body.pop("calibrate")
-    convert_options = ConvertOptions.from_mapping({**convert_body, **source_options}, f"recipe {recipe}")
+    report = RunReport(str(recipe), source, str(out))
+    runner = StageRunner(out, report, stage_callback)
     converted = out / "converted.safetensors"
-    convert_fp = _fingerprint(source, convert_options.__dict__, _file_id(convert_options.weights))
 
     def convert():
         with step_progress(f"converting {source}", enabled=progress is not None) as tick:
-            return convert_source(source, converted, convert_options, progress=tick)
+            return convert_source(source, converted, stages.convert, progress=tick)
 
-    stage("convert", convert_fp, converted, convert)
-    last, last_fp = converted, convert_fp
-
-    # 2. finetune (`teacher: source` distils from the BN original the checkpoint records)
-    if "finetune" in sections:
-        body = dict(sections["finetune"])
-        finetuned = out / "finetuned.safetensors"
-        ft_fp = _fingerprint(last_fp, body, data, val)
-        # The training state is named by its inputs: a re-run with other options starts afresh,
-        # an interrupted run with the same options resumes where it stopped.
-        ft_options = FinetuneOptions(
-            **body,
-            data=data,
-            val=val,
-            state=str(out / f"finetune-{ft_fp}.state.pt"),
-            metrics=str(out / "finetune-metrics.jsonl"),
-            resume=True,
+    runner.run("convert", stages.convert_fp, converted, convert)
+    last = converted
+    if stages.finetune is not None:  # `teacher: source` distils from the BN original the checkpoint records
+        finetuned, start = out / "finetuned.safetensors", last
+        runner.run(
+            "finetune",
+            stages.finetune_fp,
+            finetuned,
+            lambda: finetune(start, finetuned, stages.finetune, progress=progress),
         )
-        stage("finetune", ft_fp, finetuned, lambda: finetune(last, finetuned, ft_options, progress=progress))
-        last, last_fp = finetuned, ft_fp
-
-    # 3. export-onnx with verification (a failed verification stops the run with exit 1)
-    if "export" in sections:
-        body = sections["export"]
-        # Real images check the export too, where the model eats images (not video clips).
-        image_model = len(read_checkpoint(last).data_config.input_size) == 3
-        images = (val or data) if image_model else None
-        checks = VerifyOptions(**{k: body[k] for k in VERIFY_KEYS if k in body}, data=images)
-        ex_options = ExportOptions(**{k: body[k] for k in EXPORT_KEYS if k in body}, checks=checks)
-        onnx_path = out / "model.onnx"
-        ex_fp = _fingerprint(last_fp, body, val or data)
-
-        def export():
-            result = export_onnx(str(last), onnx_path, ex_options)
-            if not result.ok:
-                write_json(out / "export.json", result.to_dict())
-                raise VerificationError(f"ONNX verification failed; see {out / 'export.json'}")
-            return result
-
-        stage("export", ex_fp, onnx_path, export)
+        last = finetuned
+    if stages.export is not None:
+        onnx_path, start = out / "model.onnx", last
+        show = progress is not None
+        runner.run(
+            "export", stages.export_fp, onnx_path, lambda: _export(start, onnx_path, stages.export, val or data, show)
+        )
     return report

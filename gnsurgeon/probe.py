@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sources import DataConfig
+from .models import DataConfig
 
 
 def make_probe_input(config: DataConfig, batch: int = 2, seed: int = 0):

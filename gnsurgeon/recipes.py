@@ -7,13 +7,18 @@
       min_group_channels: 2
       skip: ["head.*"]
 
-Sections are ``convert``, ``finetune`` and ``export``; a command reads its own section, and
-command-line flags override it. Unknown sections and keys are errors naming the key and the file.
+Sections are ``convert``, ``finetune`` and ``export``; a command reads its own section, ``run``
+reads them all, and ``--set SECTION.KEY=VALUE`` overrides one value. This module only reads: the
+file into a :class:`Recipe`, the ``--set`` strings into :class:`Override` s. Which keys a section
+may hold, and how a recipe, its overrides and the flags combine, is :mod:`gnsurgeon.options`.
+
+Stage: input parsing, before any stage runs. It imports: errors (PyYAML and tomllib when a file is
+read), and never torch: the CLI reads recipes at startup.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import GNSurgeonError
@@ -54,13 +59,64 @@ def read_recipe(path: str | Path) -> dict[str, dict]:
     return data
 
 
-def check_section_keys(section: str, body: dict, allowed: tuple[str, ...], recipe: str | Path) -> None:
-    """Unknown keys are errors that name the key, the section and the file."""
-    for key in body:
-        if key not in allowed:
-            raise GNSurgeonError(
-                f"unknown key {key!r} in section {section!r} of recipe {recipe} (known: {', '.join(allowed)})"
-            )
+@dataclass(frozen=True)
+class Override:
+    """One ``--set SECTION.KEY=VALUE``: the value parsed as a YAML scalar, the text kept for errors."""
+
+    section: str
+    key: str
+    value: object
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        import yaml
+
+        target, sep, raw = text.partition("=")
+        section, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise GNSurgeonError(f"--set {text!r} is not SECTION.KEY=VALUE (e.g. finetune.steps=100)")
+        if section not in SECTIONS:
+            raise GNSurgeonError(f"--set {text!r}: unknown section {section!r} ({', '.join(SECTIONS)})")
+        return cls(section, key, yaml.safe_load(raw), text)
+
+
+@dataclass
+class Recipe:
+    """A recipe file's sections and the ``--set`` overrides given with it, in the order given.
+
+    The overrides stay separate from the sections so that :func:`gnsurgeon.options.resolve` applies
+    them as layers above the file (one layer each, in order: a later ``--set`` wins over an
+    earlier one, exclusive pairs included).
+    """
+
+    path: Path
+    sections: dict[str, dict] = field(default_factory=dict)
+    overrides: list[Override] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """Read ``path`` and parse ``overrides``; an override of a section the recipe lacks is an error."""
+        recipe = cls(Path(path), read_recipe(path), [Override.parse(text) for text in overrides])
+        for item in recipe.overrides:
+            if item.section not in recipe.sections:
+                raise GNSurgeonError(
+                    f"--set {item.text!r}: the recipe has no {item.section!r} section to override"
+                )
+        return recipe
+
+    @property
+    def origin(self) -> str:
+        return f"recipe {self.path}"
+
+    def has(self, section: str) -> bool:
+        return section in self.sections
+
+    def layers(self, section: str) -> list[tuple[dict, str]]:
+        """``(values, where they came from)`` for ``section``, lowest precedence first."""
+        layers = [(dict(self.sections.get(section, {})), self.origin)]
+        layers += [({o.key: o.value}, f"--set {o.text}") for o in self.overrides if o.section == section]
+        return layers
 
 
 def options_from_mapping(cls, values: dict, what: str, origin: str):
@@ -69,12 +125,3 @@ def options_from_mapping(cls, values: dict, what: str, origin: str):
     if unknown:
         raise GNSurgeonError(f"unknown {what} option(s) {', '.join(unknown)} in {origin}")
     return cls(**values)
-
-
-def recipe_section(path: str | Path | None, section: str, allowed: tuple[str, ...]) -> dict:
-    """The ``section`` of a recipe, checked against the keys that command accepts."""
-    if path is None:
-        return {}
-    body = read_recipe(path).get(section, {})
-    check_section_keys(section, body, allowed, path)
-    return dict(body)

@@ -1,18 +1,20 @@
-"""Rendering: rich tables for people, JSON files for machines, for every command.
+"""Rendering: rich tables for people, JSON files for machines, progress for both, for every command.
 
 Every table is here, and nothing here decides anything: each one lays out a report another module
-computed (a plan, a fold check, a calibration, an ONNX export or verification). The CLI imports this
-module to answer ``--help``, so it stays light.
+computed (a plan, a fold check, a calibration, a fine-tune, an ONNX export or verification). Progress
+goes to stderr: a bar on a terminal, plain lines now and then in a log (:func:`progress_bar`). The CLI
+imports this module to answer ``--help``, so it stays light.
 
-Stage: rendering, after every stage. It imports rich and the light modules :mod:`gnsurgeon.plan`,
-:mod:`gnsurgeon.files` and :mod:`gnsurgeon.verdicts`; never torch, onnx or onnxruntime (the report
-types it renders are named for type checkers only).
+Stage: rendering, after (or alongside) every stage. It imports rich and the light modules
+:mod:`gnsurgeon.plan`, :mod:`gnsurgeon.files` and :mod:`gnsurgeon.verdicts`; never torch, onnx or
+onnxruntime (the report types it renders are named for type checkers only).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,16 +110,102 @@ def calibration_table(cal: dict) -> Table:
     return table
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min``, ``3.2 h``: as a person reads a log."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class PlainProgress:
+    """Progress for a log file or CI, where a redrawn bar shows nothing until it ends: one line at
+    the start, then one whenever another tenth of the work is done or ``every_seconds`` have passed
+    since the last line, and one when the work is complete."""
+
+    def __init__(
+        self, console: Console, description: str, total: int | None = None, completed: int = 0, **timing
+    ) -> None:
+        self.console, self.description = console, description
+        self.total, self.completed, self.stats = total, completed, ""
+        self.every_seconds: float = timing.get("every_seconds", 30.0)
+        self.clock: Callable[[], float] = timing.get("clock", time.monotonic)
+        self.started = self.last_time = self.clock()
+        self.last_tenth = self._tenth()
+        console.print(f"{description} ...", highlight=False, soft_wrap=True)
+
+    def _tenth(self) -> int | None:
+        return None if not self.total else int(10 * self.completed / self.total)
+
+    def update(self, completed: int | None = None, total: int | None = None, stats: str | None = None) -> None:
+        self.total = self.total if total is None else total
+        self.completed = self.completed if completed is None else completed
+        self.stats = self.stats if stats is None else stats
+        if completed is None:
+            return  # new stats alone are shown with the next line
+        now, tenth = self.clock(), self._tenth()
+        if tenth != self.last_tenth or now - self.last_time >= self.every_seconds:
+            self.last_time, self.last_tenth = now, tenth
+            self.console.print(self.line(now), highlight=False, soft_wrap=True)
+
+    def line(self, now: float) -> str:
+        done = f"{self.completed}/{self.total} ({100 * self.completed / self.total:.0f}%)" if self.total else (
+            f"{self.completed} done"
+        )
+        elapsed = now - self.started
+        text = f"{self.description}: {done}, {duration(elapsed)}"
+        if self.total and 0 < self.completed < self.total:
+            text += f", about {duration(elapsed * (self.total - self.completed) / self.completed)} left"
+        return text + (f"; {self.stats}" if self.stats else "")
+
+    def stop(self) -> None:
+        """Nothing to clear: every line printed stays in the log."""
+
+
+class BarProgress:
+    """A rich progress bar, redrawn in place on a terminal; ``transient`` bars vanish when done."""
+
+    def __init__(
+        self, console: Console, description: str, total: int | None = None, completed: int = 0, transient: bool = True
+    ) -> None:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        extra = (TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+        self.bar = Progress(*columns, *extra, console=console, transient=transient)
+        self.task = self.bar.add_task(description, total=total, completed=completed, stats="")
+        self.bar.start()
+
+    def update(self, completed: int | None = None, total: int | None = None, stats: str | None = None) -> None:
+        fields = {} if stats is None else {"stats": stats}
+        self.bar.update(self.task, completed=completed, total=total, **fields)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def progress_bar(
+    console: Console, description: str, total: int | None = None, completed: int = 0, transient: bool = True
+) -> PlainProgress | BarProgress:
+    """A progress display for long work on ``console``: a bar on a terminal, plain lines now and then
+    anywhere else (a log file, CI), so that a long calibration or fine-tune shows it is alive.
+    Both have ``update(completed=, total=, stats=)`` and ``stop()``."""
+    if console.is_terminal and not console.is_dumb_terminal:
+        return BarProgress(console, description, total, completed, transient)
+    return PlainProgress(console, description, total, completed)
+
+
 @contextmanager
 def step_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
-    """A transient progress bar on stderr, driven by a ``progress(done, total)`` callback (None if off)."""
+    """Progress on stderr (see :func:`progress_bar`), driven by a ``progress(done, total)`` callback
+    (None if off)."""
     if not enabled:
         yield None
         return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    shown = progress_bar(err_console, description)
+    try:
+        yield lambda done, total: shown.update(completed=done, total=total)
+    finally:
+        shown.stop()
 
 
 def calibration_summary(cal: dict) -> str:

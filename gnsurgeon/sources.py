@@ -1,302 +1,149 @@
-"""Where models come from: ``timm:NAME``, ``torchvision:NAME``, weights files, data configs.
+"""Where models come from: ``timm:NAME`` / ``torchvision:NAME`` (+ weights file), or a gnsurgeon checkpoint.
 
-A :class:`SourceSpec` is the recipe to build an architecture (library, name, constructor kwargs). It
-is stored in every checkpoint so :func:`gnsurgeon.load` can rebuild the model offline; weights never
-come from the network at load time (the tensors are in the checkpoint).
+Every command that takes a SOURCE (convert, inspect, export-onnx, verify-onnx, run, finetune's
+teacher) opens it here, with one :class:`SourceOptions`: the weights file, the constructor options
+and the data-config overrides. A new source option is one field here and one flag in the CLI.
+
+Building an architecture from a spec, reading weights files and data configs is the leaf
+:mod:`gnsurgeon.models`, which checkpoints rebuild models with; its names are re-exported here, where
+the rest of the package has always found them.
+
+Stage: opening a source, first in every stage. It imports: checkpoint, errors, models, options.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect as pyinspect
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import GNSurgeonError, first_line
+from .checkpoint import is_checkpoint, load, read_checkpoint
+from .errors import GNSurgeonError
+from .models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LIBRARIES,
+    DataConfig,
+    SourceSpec,
+    build_model,
+    data_config_for,
+    load_state_dict_strict,
+    read_state_dict,
+)
+from .options import NOT_IN_RECIPES
+from .plan import Plan
 
-LIBRARIES = ("timm", "torchvision")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class SourceSpec:
-    """How to build an architecture: ``library:name`` plus constructor kwargs."""
-
-    library: str
-    name: str
-    kwargs: dict = field(default_factory=dict)
-    pretrained: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.library}:{self.name}"
-
-    @classmethod
-    def parse(cls, text: str, kwargs: dict | None = None, pretrained: bool = False) -> SourceSpec:
-        library, sep, name = text.partition(":")
-        if not sep or library not in LIBRARIES or not name:
-            raise GNSurgeonError(f"source {text!r} is not timm:NAME, torchvision:NAME or a gnsurgeon checkpoint file")
-        return cls(library, name, dict(kwargs or {}), pretrained)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SourceSpec:
-        return cls(data["library"], data["name"], dict(data.get("kwargs", {})), bool(data.get("pretrained")))
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @dataclass
-class DataConfig:
-    """What the model eats: input size (C, H, W) or (C, T, H, W) for video, normalisation, task."""
+class SourceOptions:
+    """How to open a source: weights, constructor options, and overrides of its data config.
 
-    input_size: tuple[int, ...] = (3, 224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    task: str = "classification"  # classification | segmentation | detection | video
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DataConfig:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        for key in ("input_size", "mean", "std"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
-
-
-def parse_model_kwargs(text: str | None) -> dict:
-    """``"drop_rate=0.1,img_size=(160,160),act='relu'"`` -> dict; values are Python literals or strings."""
-    if not text:
-        return {}
-    items, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    items.append(current)
-    out = {}
-    for item in filter(None, (i.strip() for i in items)):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise GNSurgeonError(f"--model-kwargs item {item!r} is not key=value")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
-
-
-def parse_floats(text: str | None, option: str, length: int | None = None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise GNSurgeonError(f"{option} {text!r} is not a comma-separated list of numbers") from None
-    if not values or (length is not None and len(values) != length):
-        raise GNSurgeonError(f"{option} {text!r} needs {length or 'some'} comma-separated numbers")
-    return values
-
-
-def parse_input_size(text: str | None) -> tuple[int, ...] | None:
-    values = parse_floats(text, "--input-size")
-    if values is None:
-        return None
-    if len(values) not in (3, 4) or any(v < 1 or v != int(v) for v in values):
-        raise GNSurgeonError(f"--input-size {text!r} must be C,H,W (or C,T,H,W for video) positive integers")
-    return tuple(int(v) for v in values)
-
-
-def _torchvision_builder(name: str):
-    import torchvision.models as tvm
-
-    if name not in tvm.list_models():
-        raise GNSurgeonError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
-    return tvm.get_model_builder(name)
-
-
-def _torchvision_task(name: str) -> str:
-    module = _torchvision_builder(name).__module__
-    for task in ("detection", "segmentation", "video", "optical_flow", "quantization"):
-        if f".{task}" in module:
-            return task
-    return "classification"
-
-
-def _check_timm_name(name: str) -> None:
-    import timm
-
-    base = name.split(".")[0]
-    if not timm.is_model(base):
-        raise GNSurgeonError(f"unknown timm model {base!r} (see timm.list_models())")
-
-
-def build_model(spec: SourceSpec, *, pretrained: bool | None = None) -> nn.Module:
-    """Construct the architecture; ``pretrained`` overrides ``spec.pretrained`` (load() passes False)."""
-    use_pretrained = spec.pretrained if pretrained is None else pretrained
-    kwargs = dict(spec.kwargs)
-    try:
-        if spec.library == "timm":
-            import timm
-
-            _check_timm_name(spec.name)
-            return timm.create_model(spec.name, pretrained=use_pretrained, **kwargs)
-        builder = _torchvision_builder(spec.name)
-        params = pyinspect.signature(builder).parameters
-        kwargs.setdefault("weights", "DEFAULT" if use_pretrained else None)
-        # Detection/segmentation builders fetch backbone weights by default: only when asked.
-        if "weights_backbone" in params and not use_pretrained:
-            kwargs.setdefault("weights_backbone", None)
-        return builder(**kwargs)
-    except GNSurgeonError:
-        raise
-    except (OSError, RuntimeError) as exc:  # network failures surface as OSError/URLError/HF errors
-        if use_pretrained and _looks_offline(exc):
-            raise GNSurgeonError(
-                f"could not fetch pretrained weights for {spec} (offline, or not in the local cache); "
-                "download them on a connected machine and pass --weights FILE"
-            ) from None
-        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
-    except (TypeError, ValueError, AssertionError, KeyError) as exc:
-        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
-
-
-def _looks_offline(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return isinstance(exc, OSError) or any(
-        s in text for s in ("connection", "urlopen", "offline", "resolve", "hub", "network")
-    )
-
-
-def data_config_for(spec: SourceSpec, model: nn.Module) -> DataConfig:
-    """The model's own data config: timm's pretrained_cfg, or torchvision's weights transforms."""
-    if spec.library == "timm":
-        from timm.data import resolve_data_config
-
-        cfg = resolve_data_config({}, model=model)
-        return DataConfig(
-            input_size=tuple(int(v) for v in cfg["input_size"]),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-            interpolation=str(cfg.get("interpolation", "bilinear")),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-        )
-    import torchvision.models as tvm
-
-    task = _torchvision_task(spec.name)
-    config = DataConfig(task=task)
-    try:
-        transforms = tvm.get_model_weights(spec.name).DEFAULT.transforms()
-    except (ValueError, AttributeError, TypeError):
-        transforms = None
-    if transforms is not None:
-        config.mean = tuple(float(v) for v in getattr(transforms, "mean", IMAGENET_MEAN))
-        config.std = tuple(float(v) for v in getattr(transforms, "std", IMAGENET_STD))
-        interp = getattr(transforms, "interpolation", None)
-        config.interpolation = getattr(interp, "value", "bilinear") if interp is not None else "bilinear"
-        crop = getattr(transforms, "crop_size", None) or getattr(transforms, "resize_size", None)
-        resize = getattr(transforms, "resize_size", None)
-        if crop:
-            side = int(crop[0])
-            config.input_size = (3, 16, side, side) if task == "video" else (3, side, side)
-            if resize and getattr(transforms, "crop_size", None):
-                config.crop_pct = round(side / min(resize), 4)
-    if task == "video" and len(config.input_size) == 3:
-        config.input_size = (3, 16, 112, 112)
-    if task == "detection":
-        # Detection models resize internally; a modest canvas keeps probes cheap.
-        config.input_size = (3, 320, 320)
-    return config
-
-
-# ----------------------------------------------------------------------------------------- weights
-_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file: ``.safetensors`` or a ``torch.save`` state dict (safe loading only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise GNSurgeonError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise GNSurgeonError(
-                f"cannot read weights file {path}: not a valid safetensors file ({first_line(exc)})"
-            ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip archives, unsafe globals...
-        raise GNSurgeonError(
-            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({first_line(exc)})"
-        ) from None
-    return _unwrap_state_dict(obj, path)
-
-
-def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj, dict) and k in obj), None)
-        if nested is None:
-            break
-        obj = nested
-    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise GNSurgeonError(
-            f"weights file {path} holds no state dict (looked at the top level and under {_NESTED_KEYS})"
-        )
-    if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _is_counter(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
-
-
-def _preview(keys: list[str], n: int = 4) -> str:
-    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Load all of ``state`` into ``model`` or explain precisely why not.
-
-    BatchNorm's ``num_batches_tracked`` counters are bookkeeping, not weights: they may be absent
-    (FrozenBatchNorm checkpoints, detection weights) or extra without failing the load.
+    None of these belong in a recipe (a recipe is shared; weights files and class counts are the
+    user's), so every field is marked out of recipes. ``seed`` makes randomly initialised models
+    reproducible.
     """
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state and not _is_counter(k))
-    unexpected = sorted(k for k in state if k not in own and not _is_counter(k))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) ({_preview(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) ({_preview(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es) ({_preview(shapes, 3)})")
-        raise GNSurgeonError(f"{origin} does not fit the model: " + "; ".join(parts))
-    filtered = {k: v for k, v in state.items() if k in own}
-    model.load_state_dict(filtered, strict=False)
+
+    weights: str | None = field(default=None, metadata=NOT_IN_RECIPES)
+    pretrained: bool = field(default=False, metadata=NOT_IN_RECIPES)
+    num_classes: int | None = field(default=None, metadata=NOT_IN_RECIPES)
+    in_chans: int | None = field(default=None, metadata=NOT_IN_RECIPES)
+    model_kwargs: dict = field(default_factory=dict, metadata=NOT_IN_RECIPES)
+    input_size: tuple[int, ...] | None = field(default=None, metadata=NOT_IN_RECIPES)
+    mean: tuple[float, ...] | None = field(default=None, metadata=NOT_IN_RECIPES)
+    std: tuple[float, ...] | None = field(default=None, metadata=NOT_IN_RECIPES)
+    crop_pct: float | None = field(default=None, metadata=NOT_IN_RECIPES)
+    seed: int = field(default=0, metadata=NOT_IN_RECIPES)
+
+    def constructor_kwargs(self) -> dict:
+        kwargs = dict(self.model_kwargs)
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        if self.in_chans is not None:
+            kwargs["in_chans"] = self.in_chans
+        return kwargs
+
+    def apply_to(self, config: DataConfig) -> None:
+        """Override the model's own data config where an option was given."""
+        if self.input_size is not None:
+            config.input_size = tuple(self.input_size)
+        if self.mean is not None:
+            config.mean = tuple(self.mean)
+        if self.std is not None:
+            config.std = tuple(self.std)
+        if self.crop_pct is not None:
+            if not 0 < self.crop_pct <= 1:
+                raise GNSurgeonError(f"--crop-pct {self.crop_pct} must be in (0, 1]")
+            config.crop_pct = float(self.crop_pct)
+
+
+@dataclass
+class OpenedSource:
+    """A model ready for surgery, with what is needed to save it again."""
+
+    model: nn.Module
+    spec: SourceSpec | None
+    data_config: DataConfig
+    plan: Plan | None = None  # the plan already applied (checkpoint sources)
+    history: list = field(default_factory=list)
+    build_seconds: float = 0.0
+
+
+def _open_checkpoint(source: str, options: SourceOptions) -> OpenedSource:
+    if options.constructor_kwargs() or options.weights or options.pretrained:
+        raise GNSurgeonError(
+            f"source {source} is a gnsurgeon checkpoint: constructor options, --weights and "
+            "--pretrained do not apply to it"
+        )
+    info = read_checkpoint(source)
+    return OpenedSource(load(source), info.source, info.data_config, info.plan, list(info.history))
+
+
+def _open_spec(source: str, options: SourceOptions) -> OpenedSource:
+    if Path(source).suffix in WEIGHTS_SUFFIXES or Path(source).exists():
+        if not Path(source).exists():
+            raise GNSurgeonError(f"source file {source} does not exist")
+        raise GNSurgeonError(
+            f"source {source} is not a gnsurgeon checkpoint; name the architecture "
+            "(timm:NAME or torchvision:NAME) and pass the file with --weights"
+        )
+    spec = SourceSpec.parse(source, options.constructor_kwargs(), options.pretrained)
+    torch.manual_seed(options.seed)  # random-init models are reproducible
+    model = build_model(spec)
+    if options.weights:
+        state = read_state_dict(options.weights)
+        load_state_dict_strict(model, state, f"weights file {options.weights}")
+    return OpenedSource(model, spec, data_config_for(spec, model))
+
+
+def open_source(source: str, options: SourceOptions | None = None) -> OpenedSource:
+    """``timm:NAME`` / ``torchvision:NAME`` (+ weights) or a gnsurgeon checkpoint -> model.
+
+    ``options`` may be any :class:`SourceOptions`, :class:`~gnsurgeon.ConvertOptions` included.
+    """
+    options = options or SourceOptions()
+    start = time.perf_counter()
+    opened = _open_checkpoint(source, options) if is_checkpoint(source) else _open_spec(source, options)
+    options.apply_to(opened.data_config)
+    opened.build_seconds = time.perf_counter() - start
+    return opened
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LIBRARIES",
+    "DataConfig",
+    "OpenedSource",
+    "SourceOptions",
+    "SourceSpec",
+    "build_model",
+    "data_config_for",
+    "load_state_dict_strict",
+    "open_source",
+    "read_state_dict",
+]

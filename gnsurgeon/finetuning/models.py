@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import CheckpointInfo, is_checkpoint, load
-from ..conversion import ConvertOptions, open_source
 from ..errors import GNSurgeonError
 from ..hooks import eval_mode
+from ..sources import SourceOptions, open_source
 from .options import FinetuneOptions
 from .processes import Processes, autocast
 from .sampling import Folders
@@ -58,18 +58,18 @@ def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Mod
     if source == "source":
         source, recorded, pretrained = converted_from(info)
         weights = weights or recorded
-        convert_options = ConvertOptions(weights=weights, pretrained=pretrained and not weights, model_kwargs=kwargs)
+        source_options = SourceOptions(weights=weights, pretrained=pretrained and not weights, model_kwargs=kwargs)
     elif is_checkpoint(source):
-        convert_options = ConvertOptions(weights=weights)
+        source_options = SourceOptions(weights=weights)
     elif not weights:
         raise GNSurgeonError(
             f"--teacher {source} needs --teacher-weights FILE (a randomly initialised teacher teaches nothing), "
             "or pass a gnsurgeon checkpoint (or 'source') as the teacher"
         )
     else:
-        convert_options = ConvertOptions(weights=weights, num_classes=kwargs.get("num_classes"))
+        source_options = SourceOptions(weights=weights, num_classes=kwargs.get("num_classes"))
     try:
-        teacher = open_source(source, convert_options).model
+        teacher = open_source(source, source_options).model
     except GNSurgeonError as exc:
         raise GNSurgeonError(f"--teacher {options.teacher}: {exc}") from None
     for p in teacher.parameters():

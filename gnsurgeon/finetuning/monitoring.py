@@ -5,8 +5,8 @@ The loop must not sync the device every step just to report: losses are summed o
 :class:`Window` and read once per log step. Only rank 0 writes the metrics file and draws the bar;
 the other ranks get inert ones, so the loop has no rank tests of its own.
 
-Stage: finetune's reporting while training. It imports torch, rich (lazily, only when a bar is
-drawn) and :mod:`gnsurgeon.files`.
+Stage: finetune's reporting while training. It imports torch, :mod:`gnsurgeon.report` (a bar or plain
+log lines) and :mod:`gnsurgeon.files`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomically
+from ..report import progress_bar
 
 __all__ = ["MetricsLog", "ProgressBar", "TrainClock", "Window"]
 
@@ -72,44 +73,32 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """A rich progress bar over the optimizer steps, with the last logged loss, lr and speed; a
-    context manager that draws nothing when ``console`` is None."""
+    """Progress over the optimizer steps, with the last logged loss, lr and speed: a bar on a
+    terminal, plain lines now and then in a log (:func:`gnsurgeon.report.progress_bar`); a context
+    manager that shows nothing when ``console`` is None."""
 
     def __init__(self, console, total: int, start: int) -> None:
         self.console = console
         self.total = total
         self.start = start
-        self.bar = None
-        self.task = None
+        self.shown = None
 
     def __enter__(self) -> ProgressBar:
-        if self.console is None:
-            return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]finetune"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=self.console,
-        )
-        self.task = self.bar.add_task("finetune", total=self.total, completed=self.start, stats="")
-        self.bar.start()
+        if self.console is not None:
+            self.shown = progress_bar(self.console, "finetune", total=self.total, completed=self.start, transient=False)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.shown is not None:
+            self.shown.stop()
 
     def advance_to(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done)
+        if self.shown is not None:
+            self.shown.update(completed=done)
 
     def show(self, stats: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, stats=stats)
+        if self.shown is not None:
+            self.shown.update(stats=stats)
 
 
 class TrainClock:

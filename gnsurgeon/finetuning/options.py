@@ -5,14 +5,16 @@
 :class:`~gnsurgeon.finetuning.settings.RunSettings`. Keeping the two apart lets a recipe say
 ``lr: null`` ("scale it for me") and the report say which number was used.
 
-Stage: finetune's input. It imports only :mod:`gnsurgeon.errors` and :mod:`gnsurgeon.recipes`.
+Stage: finetune's input. It imports only :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.options` and
+:mod:`gnsurgeon.recipes`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import GNSurgeonError, VerificationError
+from ..options import NOT_IN_RECIPES
 from ..recipes import options_from_mapping
 
 __all__ = ["BASE_LR", "DEFAULT_WEIGHT_DECAY", "OPTIMIZERS", "FinetuneOptions", "NonFiniteLossError"]
@@ -29,7 +31,8 @@ class NonFiniteLossError(VerificationError):
 
 @dataclass
 class FinetuneOptions:
-    """Every option of ``gnsurgeon finetune``; recipes set the fields in :attr:`RECIPE_KEYS`.
+    """Every option of ``gnsurgeon finetune``; a recipe's ``finetune`` section sets any field not marked
+    ``NOT_IN_RECIPES`` (the folders, files and resume flag belong to the command line).
 
     ``lr=None`` scales :data:`BASE_LR` linearly with the effective batch (batch x grad_accum x
     processes) / 32; ``weight_decay=None`` takes :data:`DEFAULT_WEIGHT_DECAY`; ``warmup_steps=None``
@@ -42,8 +45,8 @@ class FinetuneOptions:
     names the source and the weights file).
     """
 
-    data: str | None = None
-    val: str | None = None
+    data: str | None = field(default=None, metadata=NOT_IN_RECIPES)
+    val: str | None = field(default=None, metadata=NOT_IN_RECIPES)
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 8
@@ -57,7 +60,7 @@ class FinetuneOptions:
     clip_grad: float | None = None
     label_smoothing: float = 0.0
     teacher: str | None = None
-    teacher_weights: str | None = None
+    teacher_weights: str | None = field(default=None, metadata=NOT_IN_RECIPES)
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
     hflip: float = 0.5
@@ -72,39 +75,9 @@ class FinetuneOptions:
     log_every: int = 10
     checkpoint_every: int | None = None
     checkpoint_minutes: float = 5.0
-    state: str | None = None
-    metrics: str | None = None
-    resume: bool = False
-
-    RECIPE_KEYS = (
-        "steps",
-        "epochs",
-        "batch_size",
-        "lr",
-        "optimizer",
-        "momentum",
-        "weight_decay",
-        "norm_weight_decay",
-        "warmup_steps",
-        "grad_accum",
-        "clip_grad",
-        "label_smoothing",
-        "kd_temperature",
-        "kd_weight",
-        "hflip",
-        "min_crop_scale",
-        "seed",
-        "device",
-        "workers",
-        "amp",
-        "channels_last",
-        "compile",
-        "eval_batch_size",
-        "log_every",
-        "checkpoint_every",
-        "checkpoint_minutes",
-        "teacher",
-    )
+    state: str | None = field(default=None, metadata=NOT_IN_RECIPES)
+    metrics: str | None = field(default=None, metadata=NOT_IN_RECIPES)
+    resume: bool = field(default=False, metadata=NOT_IN_RECIPES)
 
     @classmethod
     def from_mapping(cls, values: dict, origin: str = "options") -> FinetuneOptions:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..data import ImageFolderData, collate_skip_broken, eval_transform, train_transform
 from ..errors import GNSurgeonError
-from ..sources import DataConfig
+from ..models import DataConfig
 from .options import FinetuneOptions
 
 __all__ = [

@@ -1,0 +1,258 @@
+"""How to build a model: ``timm:NAME`` / ``torchvision:NAME`` specs, weights files, data configs.
+
+A :class:`SourceSpec` is the recipe to build an architecture (library, name, constructor kwargs). It
+is stored in every checkpoint so :func:`gnsurgeon.load` can rebuild the model offline; weights never
+come from the network at load time (the tensors are in the checkpoint). This is the leaf that
+:mod:`gnsurgeon.checkpoint` rebuilds models with; opening a *source* (a name or a checkpoint, plus
+the command's source options) is :mod:`gnsurgeon.sources`, one level up.
+
+Stage: model construction, below checkpoints. It imports: errors (timm and torchvision inside the
+builders, so that naming one library does not load the other).
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import GNSurgeonError, first_line
+
+LIBRARIES = ("timm", "torchvision")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SourceSpec:
+    """How to build an architecture: ``library:name`` plus constructor kwargs."""
+
+    library: str
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.library}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str, kwargs: dict | None = None, pretrained: bool = False) -> SourceSpec:
+        library, sep, name = text.partition(":")
+        if not sep or library not in LIBRARIES or not name:
+            raise GNSurgeonError(f"source {text!r} is not timm:NAME, torchvision:NAME or a gnsurgeon checkpoint file")
+        return cls(library, name, dict(kwargs or {}), pretrained)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SourceSpec:
+        return cls(data["library"], data["name"], dict(data.get("kwargs", {})), bool(data.get("pretrained")))
+
+
+@dataclass
+class DataConfig:
+    """What the model eats: input size (C, H, W) or (C, T, H, W) for video, normalisation, task."""
+
+    input_size: tuple[int, ...] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    task: str = "classification"  # classification | segmentation | detection | video
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataConfig:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key in ("input_size", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def _torchvision_builder(name: str):
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models():
+        raise GNSurgeonError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
+    return tvm.get_model_builder(name)
+
+
+def _torchvision_task(name: str) -> str:
+    module = _torchvision_builder(name).__module__
+    for task in ("detection", "segmentation", "video", "optical_flow", "quantization"):
+        if f".{task}" in module:
+            return task
+    return "classification"
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise GNSurgeonError(f"unknown timm model {base!r} (see timm.list_models())")
+
+
+def build_model(spec: SourceSpec, *, pretrained: bool | None = None) -> nn.Module:
+    """Construct the architecture; ``pretrained`` overrides ``spec.pretrained`` (load() passes False)."""
+    use_pretrained = spec.pretrained if pretrained is None else pretrained
+    kwargs = dict(spec.kwargs)
+    try:
+        if spec.library == "timm":
+            import timm
+
+            _check_timm_name(spec.name)
+            return timm.create_model(spec.name, pretrained=use_pretrained, **kwargs)
+        builder = _torchvision_builder(spec.name)
+        params = pyinspect.signature(builder).parameters
+        kwargs.setdefault("weights", "DEFAULT" if use_pretrained else None)
+        # Detection/segmentation builders fetch backbone weights by default: only when asked.
+        if "weights_backbone" in params and not use_pretrained:
+            kwargs.setdefault("weights_backbone", None)
+        return builder(**kwargs)
+    except GNSurgeonError:
+        raise
+    except (OSError, RuntimeError) as exc:  # network failures surface as OSError/URLError/HF errors
+        if use_pretrained and _looks_offline(exc):
+            raise GNSurgeonError(
+                f"could not fetch pretrained weights for {spec} (offline, or not in the local cache); "
+                "download them on a connected machine and pass --weights FILE"
+            ) from None
+        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, OSError) or any(
+        s in text for s in ("connection", "urlopen", "offline", "resolve", "hub", "network")
+    )
+
+
+def data_config_for(spec: SourceSpec, model: nn.Module) -> DataConfig:
+    """The model's own data config: timm's pretrained_cfg, or torchvision's weights transforms."""
+    if spec.library == "timm":
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        return DataConfig(
+            input_size=tuple(int(v) for v in cfg["input_size"]),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+        )
+    import torchvision.models as tvm
+
+    task = _torchvision_task(spec.name)
+    config = DataConfig(task=task)
+    try:
+        transforms = tvm.get_model_weights(spec.name).DEFAULT.transforms()
+    except (ValueError, AttributeError, TypeError):
+        transforms = None
+    if transforms is not None:
+        config.mean = tuple(float(v) for v in getattr(transforms, "mean", IMAGENET_MEAN))
+        config.std = tuple(float(v) for v in getattr(transforms, "std", IMAGENET_STD))
+        interp = getattr(transforms, "interpolation", None)
+        config.interpolation = getattr(interp, "value", "bilinear") if interp is not None else "bilinear"
+        crop = getattr(transforms, "crop_size", None) or getattr(transforms, "resize_size", None)
+        resize = getattr(transforms, "resize_size", None)
+        if crop:
+            side = int(crop[0])
+            config.input_size = (3, 16, side, side) if task == "video" else (3, side, side)
+            if resize and getattr(transforms, "crop_size", None):
+                config.crop_pct = round(side / min(resize), 4)
+    if task == "video" and len(config.input_size) == 3:
+        config.input_size = (3, 16, 112, 112)
+    if task == "detection":
+        # Detection models resize internally; a modest canvas keeps probes cheap.
+        config.input_size = (3, 320, 320)
+    return config
+
+
+# ----------------------------------------------------------------------------------------- weights
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file: ``.safetensors`` or a ``torch.save`` state dict (safe loading only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GNSurgeonError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise GNSurgeonError(
+                f"cannot read weights file {path}: not a valid safetensors file ({first_line(exc)})"
+            ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip archives, unsafe globals...
+        raise GNSurgeonError(
+            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({first_line(exc)})"
+        ) from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj, dict) and k in obj), None)
+        if nested is None:
+            break
+        obj = nested
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise GNSurgeonError(
+            f"weights file {path} holds no state dict (looked at the top level and under {_NESTED_KEYS})"
+        )
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def _preview(keys: list[str], n: int = 4) -> str:
+    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load all of ``state`` into ``model`` or explain precisely why not.
+
+    BatchNorm's ``num_batches_tracked`` counters are bookkeeping, not weights: they may be absent
+    (FrozenBatchNorm checkpoints, detection weights) or extra without failing the load.
+    """
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not _is_counter(k))
+    unexpected = sorted(k for k in state if k not in own and not _is_counter(k))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) ({_preview(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) ({_preview(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) ({_preview(shapes, 3)})")
+        raise GNSurgeonError(f"{origin} does not fit the model: " + "; ".join(parts))
+    filtered = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(filtered, strict=False)
