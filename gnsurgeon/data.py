@@ -4,6 +4,9 @@ A folder is either ImageFolder-style (one sub-folder per class, labels from sort
 flat (images directly inside: no labels, for calibration and distillation). Unreadable images never
 crash a worker: the dataset returns a marker, :func:`collate_skip_broken` drops it and carries the
 path, and :class:`BrokenImages` counts them for the report.
+
+Stage: input data for calibration, fine-tuning and verification. It imports torch, torchvision/timm
+transforms, :mod:`gnsurgeon.errors` and :mod:`gnsurgeon.models` (the data config).
 """
 
 from __future__ import annotations

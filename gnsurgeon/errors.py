@@ -3,6 +3,8 @@
 Every bad input (unknown model, unreadable file, conflicting options, a layer we cannot replace) is
 raised as :class:`GNSurgeonError` with one sentence that names the thing at fault. The CLI prints it
 and exits with code 2; the Python API lets it propagate.
+
+Stage: a leaf, below every stage. It imports nothing of gnsurgeon (and no torch).
 """
 
 
