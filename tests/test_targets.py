@@ -83,13 +83,11 @@ def test_like_resnet50_gn_loads_strictly_and_matches_bit_for_bit(tmp_path):
     ours = load(ckpt)
 
     ok(run("export-weights", ckpt, "--to", "timm", "-o", out))
+    # timm loads pretrained_cfg_overlay files with load_state_dict(strict=True) when the class count
+    # matches, so this exact call is the strict load.
     theirs = timm.create_model("resnet50_gn", pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
     with torch.no_grad():
         assert torch.equal(ours(X), theirs(X))
-    strict = timm.create_model("resnet50_gn").eval()
-    strict.load_state_dict(ours.state_dict(), strict=True)
-    with torch.no_grad():
-        assert torch.equal(ours(X), strict(X))
 
 
 def test_like_efficientnet_b0_gn_takes_c_over_8_and_keeps_the_class_count(tmp_path):
