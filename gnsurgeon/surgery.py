@@ -32,6 +32,9 @@ from .layers import (
 )
 from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 
+# Plan option recorded by ``convert --no-inplace`` and replayed by every apply_plan (so gnsurgeon.load).
+NO_INPLACE = "no_inplace"
+
 
 def _refuse_scripted(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
@@ -169,10 +172,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
     if plan.options.get(NO_INPLACE):
         disable_inplace(model)
     return model
-
-
-# Plan option recorded by ``convert --no-inplace`` and replayed by every apply_plan (so gnsurgeon.load).
-NO_INPLACE = "no_inplace"
 
 
 def disable_inplace(model: nn.Module) -> list[str]:

@@ -142,6 +142,34 @@ def test_like_refuses_targets_that_differ_beyond_norm_layers(tmp_path):
     assert not out.exists()
 
 
+def test_like_a_checkpoint_takes_its_eps_and_names_the_first_layer_that_computes_otherwise(tmp_path):
+    """A gnsurgeon checkpoint is a target too. Its eps (1e-3 here, not the source BN's 1e-5) is taken and
+    replayed by load; a target that matches in every tensor but computes otherwise (SiLU for ReLU: no
+    parameters) is caught by the output comparison, exit 1, naming the first norm layer it reaches."""
+    import gnsurgeon
+
+    model = timm.create_model("resnet18")
+    plan = gnsurgeon.make_plan(model)
+    for lp in plan:
+        lp.eps = 1e-3
+    target = tmp_path / "eps.safetensors"
+    gnsurgeon.save(target, gnsurgeon.apply_plan(model, plan), plan, source=gnsurgeon.SourceSpec("timm", "resnet18"))
+    out = tmp_path / "like.safetensors"
+    result = run("convert", "timm:resnet18", *SMALL, "--like", target, "-o", out, "--json", tmp_path / "r.json")
+    ok(result)
+    like = json.loads((tmp_path / "r.json").read_text())["like"]
+    assert like["bit_identical"] and len(like["eps_from_target"]) == 20
+    assert {m.eps for m in load(out).modules() if isinstance(m, nn.GroupNorm)} == {1e-3}
+
+    silu = tmp_path / "silu.safetensors"
+    ok(run("convert", "timm:resnet18", *SMALL, "--model-kwargs", "act_layer=silu", "-o", silu))
+    result = run("convert", "timm:resnet18", *SMALL, "--like", silu, "-o", tmp_path / "no.safetensors")
+    assert result.exit_code == 1, result.output
+    assert "loads into the target but computes something else" in result.output
+    assert "first at layer1.0.bn1" in " ".join(result.output.split())
+    assert not (tmp_path / "no.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------ torchvision
 def _gn_resnet50(tmp_path) -> Path:
     weights = weights_file(torchvision.models.resnet50(), tmp_path / "tv.pth")
