@@ -50,6 +50,8 @@ _HOMES = {
     "apply_plan": "surgery",
     "convert": "surgery",
     "make_plan": "surgery",
+    "ExportWeightsReport": "targets",
+    "export_weights": "targets",
 }
 
 __all__ = ["__version__", *sorted(_HOMES)]

@@ -31,8 +31,10 @@ from .report import (
     console,
     err_console,
     export_table,
+    export_weights_table,
     finetune_table,
     fold_table,
+    like_summary,
     plan_table,
     render_verification,
     run_table,
@@ -81,6 +83,14 @@ CalibDevice = Annotated[
 ]
 BnFree = Annotated[
     bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
+]
+Like = Annotated[
+    str | None,
+    typer.Option("--like", help="Take each layer's G and eps from this GN model (timm:resnet50_gn), then verify."),
+]
+NoInplace = Annotated[
+    bool | None,
+    typer.Option("--no-inplace/--inplace", help="Turn in-place activations off (opacus' per-sample gradients)."),
 ]
 Weights = Annotated[Path | None, typer.Option("--weights", help=".safetensors, or .pth/.pt/.bin state dict.")]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="Use the library's own pretrained weights.")]
@@ -194,6 +204,8 @@ def convert(
     calib_final_steps: CalibFinalSteps = None,
     calib_device: CalibDevice = None,
     bn_free: BnFree = None,
+    like: Like = None,
+    no_inplace: NoInplace = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -244,6 +256,10 @@ def convert(
         if not quiet:
             console.print(calibration_table(cal))
         extra["calibration"] = calibration_summary(cal)
+    if report.like:
+        extra["like"] = like_summary(report.like)
+    if report.inplace_off is not None:
+        extra["in-place activations"] = f"{report.inplace_off} turned off" if report.inplace_off else "none were on"
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())
     extra["output"] = report.output or "(dry run: nothing written)"
     console.print(summary_table(report.summary, extra))
@@ -504,6 +520,32 @@ def verify_onnx_command(
     console.print(f"onnx.checker: {report.checker}; opset {report.opset}; input {report.input_shape}", highlight=False)
     if not report.ok:
         _verification_failed(report)
+
+
+# --- export-weights: a plain state dict in a target library's layout (issue 15) ---
+@app.command("export-weights")
+def export_weights_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A gnsurgeon checkpoint (.safetensors).")],
+    to: Annotated[
+        str, typer.Option("--to", help="timm, torchvision, torchvision-detection (backbone.body.) or openmmlab.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors, or .pth for torch.load.")],
+    target: Annotated[
+        str | None, typer.Option("--target", help="Target model name (default: the source's, timm's NAME_gn).")
+    ] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Write CHECKPOINT as a plain state dict that loads into a target library's model, verified there."""
+    try:
+        from .targets import export_weights
+
+        with step_progress(f"writing {checkpoint} for {to}"):
+            report = export_weights(checkpoint, to, output, target=target)
+        if json_out:
+            write_json(json_out, report.to_dict())
+    except GNSurgeonError as exc:
+        _fail(exc)
+    console.print(export_weights_table(report))
 
 
 # --- run: the whole workflow from a recipe (issue 7) ---

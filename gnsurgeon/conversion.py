@@ -5,7 +5,7 @@ checkpoint), plan, apply, check the result on a probe input, save one checkpoint
 parses options into :class:`ConvertOptions` and renders the returned :class:`ConvertReport`.
 
 Stage: convert (+ calibrate), the first stage. It imports: calibration, checkpoint, errors, files,
-fold, options, plan, probe, sources, surgery.
+fold, options, plan, probe, sources, surgery, targets (``--like``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .options import IMAGES, NOT_IN_RECIPES, build
 from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 from .probe import make_probe_input
 from .sources import DataConfig, OpenedSource, SourceOptions, open_source
-from .surgery import apply_plan, make_plan
+from .surgery import NO_INPLACE, apply_plan, make_plan
+from .targets import LikeTarget, check_like_structure, compare_like, open_like, plan_like
 
 
 @dataclass
@@ -55,8 +56,15 @@ class ConvertOptions(SourceOptions):
     calib_batch_size: int = 32
     calib_device: str = "auto"
     bn_free: bool = False
+    like: str | None = None  # take each layer's G and eps from this GN architecture (targets.plan_like)
+    no_inplace: bool = False  # in-place activations off, recorded in the plan (opacus, surgery.disable_inplace)
 
     def policy(self) -> GroupPolicy:
+        if self.like and (self.groups is not None or self.channels_per_group is not None):
+            raise GNSurgeonError(
+                f"--like {self.like} takes each layer's G from the target, so it cannot be combined with "
+                "--groups or --channels-per-group (given on the command line or in a recipe)"
+            )
         groups = self.groups
         if groups is None and self.channels_per_group is None:
             groups = 32
@@ -116,6 +124,8 @@ class ConvertReport:
     calibration: dict | None = None
     timings: dict = field(default_factory=dict)
     data_config: DataConfig | None = None
+    like: dict | None = None  # --like: the target, strict load, output comparison
+    inplace_off: int | None = None  # --no-inplace: how many modules it turned off (0: none were in place)
 
     @property
     def summary(self) -> dict:
@@ -132,6 +142,8 @@ class ConvertReport:
             "probe": self.probe,
             "fold_check": self.fold_check,
             "calibration": self.calibration,
+            "like": self.like,
+            "inplace_off": self.inplace_off,
             "timings_s": self.timings,
             "data_config": self.data_config.to_dict() if self.data_config else None,
             "plan": self.plan.to_dict(),
@@ -159,8 +171,9 @@ def convert_source(
             raise GNSurgeonError("an output file is required (-o OUT.safetensors), or use --dry-run")
         output = check_output(output, ".safetensors")
     opened = open_source(source, options)
+    like = open_like(options.like, opened.spec, options.seed) if options.like else None
     start = time.perf_counter()
-    delta, plan = _plans(source, opened, options, policy, selection)
+    delta, plan = _plans(source, opened, options, policy, selection, like)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
         str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
@@ -171,6 +184,10 @@ def convert_source(
     changed = Plan(delta.with_action(Action.GN, Action.FROZEN, Action.FOLDED), delta.options)
     converted = apply_plan(opened.model, changed)
     timings["convert"] = round(time.perf_counter() - start, 4)
+    if like is not None:
+        check_like_structure(converted, like, plan)  # before calibration: a mismatch costs seconds
+    if changed.options.get(NO_INPLACE):
+        report.inplace_off = sum(getattr(m, "inplace", None) is True for m in opened.model.modules())
     if options.calibrate:
         start = time.perf_counter()
         converted, calibration = calibrate(
@@ -182,6 +199,11 @@ def convert_source(
         start = time.perf_counter()
         _check_result(opened, converted, delta, options, report)
         timings["probe"] = round(time.perf_counter() - start, 4)
+    if like is not None:
+        start = time.perf_counter()
+        probe = make_probe_input(opened.data_config, batch=2, seed=options.seed + 2)
+        report.like = compare_like(opened.model, converted, like, plan, probe)
+        timings["like"] = round(time.perf_counter() - start, 4)
     history = opened.history + [_history_entry(source, options, delta, report)]
     start = time.perf_counter()
     save(output, converted, plan, source=opened.spec, data_config=opened.data_config, history=history)
@@ -189,10 +211,14 @@ def convert_source(
     return report
 
 
-def _plans(source: str, opened: OpenedSource, options: ConvertOptions, policy, selection) -> tuple[Plan, Plan]:
+def _plans(
+    source: str, opened: OpenedSource, options: ConvertOptions, policy, selection, like: LikeTarget | None = None
+) -> tuple[Plan, Plan]:
     """What this run changes (the delta) and the whole model's plan after it, checked against
     ``--calibrate`` (something must become GN) and ``--bn-free`` (nothing may stay BN)."""
-    delta = make_plan(opened.model, policy, selection)
+    delta = plan_like(opened.model, like, selection) if like else make_plan(opened.model, policy, selection)
+    if options.no_inplace or (opened.plan is not None and opened.plan.options.get(NO_INPLACE)):
+        delta.options[NO_INPLACE] = True
     if options.fold:
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     plan = merge_plans(opened.plan, delta)
@@ -259,11 +285,15 @@ class InspectReport:
 def inspect_source(source: str, options: ConvertOptions | None = None) -> InspectReport:
     """The stored plan of a checkpoint, or the plan ``convert`` would make for a model source."""
     options = options or ConvertOptions()
+    options.policy()  # refuses --like with --groups
     if is_checkpoint(source):
         info = read_checkpoint(source)
         return InspectReport(str(source), info.plan, True, info.data_config, info.history)
     opened = open_source(source, options)
-    plan = make_plan(opened.model, options.policy(), options.selection())
+    if options.like:
+        plan = plan_like(opened.model, open_like(options.like, opened.spec, options.seed), options.selection())
+    else:
+        plan = make_plan(opened.model, options.policy(), options.selection())
     if options.fold:
         plan = plan_folds(opened.model, plan, make_probe_input(opened.data_config, batch=1, seed=options.seed))
     return InspectReport(str(source), plan, False, opened.data_config)

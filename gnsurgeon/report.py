@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # annotations only: importing them at run time would load tor
 if TYPE_CHECKING:  # for the annotation only: rendering does not need torch loaded
     from .finetuning import FinetuneReport
 
+if TYPE_CHECKING:  # annotation only, as above
+    from .targets import ExportWeightsReport
+
 # Wide enough for the plan table when output is piped (rich falls back to 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -390,6 +393,36 @@ def export_table(report: ExportReport) -> Table:
     top = ", ".join(f"{k} {v}" for k, v in sorted(graph.op_counts.items(), key=lambda kv: -kv[1])[:8])
     table.add_row("nodes", top)
     table.add_row("timings (s)", ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()))
+    return table
+
+
+def like_summary(like: dict) -> str:
+    """One line for ``convert --like``: what was matched and how closely the target computes the same."""
+    same = "bit-identical" if like["bit_identical"] else f"max abs {like['max_abs']:.2e}, max rel {like['max_rel']:.2e}"
+    eps = f"; eps taken from the target at {len(like['eps_from_target'])} layer(s)" if like["eps_from_target"] else ""
+    return (
+        f"{like['target']}: G and eps of {like['layers_from_target']} layer(s) from it, strict load ok, "
+        f"outputs {same}{eps}"
+    )
+
+
+def export_weights_table(report: ExportWeightsReport) -> Table:
+    """What ``export-weights`` wrote, how it was proven, and the line that loads it in the target library."""
+    table = Table(title=f"Weights for {report.target}", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("output", f"{report.output} ({report.tensors} tensors)")
+    table.add_row("norm layers there", _pairs(report.norm_layers) or "not checked")
+    if report.dropped:
+        table.add_row("dropped", ", ".join(report.dropped))
+    if report.verified:
+        same = "bit-identical" if report.max_abs == 0 else f"max abs {report.max_abs:.2e}, max rel {report.max_rel:.2e}"
+        table.add_row("verified", f"loaded into {report.target} from the file, G/eps per layer match, outputs {same}")
+    else:
+        table.add_row("verified", "[yellow]no[/]")
+    for note in report.notes:
+        table.add_row("note", note)
+    table.add_row("load it with", report.usage)
     return table
 
 

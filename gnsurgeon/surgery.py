@@ -32,6 +32,9 @@ from .layers import (
 )
 from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 
+# Plan option recorded by ``convert --no-inplace`` and replayed by every apply_plan (so gnsurgeon.load).
+NO_INPLACE = "no_inplace"
+
 
 def _refuse_scripted(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
@@ -99,7 +102,10 @@ def make_plan(
 
 def _build_replacement(lp: LayerPlan, module: nn.Module, model: nn.Module) -> nn.Module:
     if lp.action == Action.GN:
-        return make_group_norm(module, lp.groups)
+        gn = make_group_norm(module, lp.groups)
+        if lp.eps != gn.eps:  # convert --like: the target architecture's eps, recorded in the plan
+            gn.eps = lp.eps
+        return gn
     if lp.action == Action.FROZEN:
         return make_frozen_affine(module)
     if lp.action == Action.FOLDED:
@@ -163,7 +169,26 @@ def apply_plan(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mod
         new = _build_replacement(lp, module, model)
         for path in aliases[id(module)]:
             replace_module(model, path, new)
+    if plan.options.get(NO_INPLACE):
+        disable_inplace(model)
     return model
+
+
+def disable_inplace(model: nn.Module) -> list[str]:
+    """Set ``inplace=False`` on every module that has a boolean ``inplace`` flag (ReLU, SiLU, timm's
+    activations, Dropout); return their paths.
+
+    Why: opacus' default per-sample-gradient mode puts a full backward hook on every trainable layer,
+    and PyTorch forbids modifying such a layer's output in place, so a GroupNorm followed by
+    ``ReLU(inplace=True)`` fails at the first backward (opacus#828). In place is only a memory saving:
+    the values computed are the same.
+    """
+    changed = []
+    for path, module in model.named_modules():
+        if isinstance(getattr(module, "inplace", None), bool) and module.inplace:
+            module.inplace = False
+            changed.append(path)
+    return changed
 
 
 def convert(
