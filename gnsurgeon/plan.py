@@ -250,3 +250,21 @@ class Selection:
         if kind == "BatchNorm1d" and not self.include_1d:
             return Action.KEEP, "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
         return Action.GN, ""
+
+    def warnings(self, paths: Sequence[str]) -> list[str]:
+        """What a user would not see otherwise, given the batch-norm layer ``paths`` this selection
+        was applied to: every pattern that matched none of them (a typo selects nothing, silently),
+        and the layers both ``--skip`` and ``--freeze`` match (``--skip`` wins: they stay BN)."""
+        notes = []
+        for option, patterns in (("--only", self.only), ("--skip", self.skip), ("--freeze", self.freeze)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+                    notes.append(f"{option} {pattern!r} matched no batch-norm layer")
+        both = [p for p in paths if matches(p, self.skip) and matches(p, self.freeze)]
+        if both:
+            more = f", ... {len(both) - 3} more" if len(both) > 3 else ""
+            notes.append(
+                f"--skip wins over --freeze for {len(both)} layer(s) both match, which stay batch norms: "
+                f"{', '.join(both[:3])}{more}"
+            )
+        return notes
