@@ -58,7 +58,10 @@ Cpg = Annotated[int | None, typer.Option("--channels-per-group", help="Fixed cha
 MinCpg = Annotated[
     int | None, typer.Option("--min-group-channels", help="Floor on C/G (default 2; 1 allows InstanceNorm).")
 ]
-Strict = Annotated[bool | None, typer.Option("--strict/--no-strict", help="Make any group fallback an error.")]
+Strict = Annotated[
+    bool | None,
+    typer.Option("--strict/--no-strict", help="Make any group fallback, or option matching nothing, an error."),
+]
 Only = Annotated[list[str] | None, typer.Option("--only", help="Convert only layers matching this glob.")]
 Skip = Annotated[list[str] | None, typer.Option("--skip", help="Leave layers matching this glob alone.")]
 Include1d = Annotated[bool | None, typer.Option("--include-1d/--no-include-1d", help="Also convert BatchNorm1d.")]

@@ -121,7 +121,7 @@ def _check_layer(raw, where: str) -> dict:
     _number(data["eps"], f"{where}.eps", 0.0, 1.0)
     _bool(data["affine"], f"{where}.affine")
     action = data.get("action", Action.KEEP.value)
-    if action not in {a.value for a in Action}:
+    if not isinstance(action, str) or action not in {a.value for a in Action}:
         known_actions = ", ".join(a.value for a in Action)
         raise Bad(f"{where}.action", f"must be one of {known_actions}, got {_show(action)}")
     groups = data.get("groups")

@@ -60,17 +60,20 @@ class Action(str, Enum):
 class GroupPolicy:
     """How many groups a GroupNorm over C channels gets.
 
-    Exactly one of ``groups`` / ``channels_per_group`` is set. ``min_group_channels`` is the floor on
+    At most one of ``groups`` / ``channels_per_group`` is set; neither means G = 32, so that
+    ``GroupPolicy(channels_per_group=16)`` reads as it says. ``min_group_channels`` is the floor on
     C/G (1 allows InstanceNorm). ``strict`` makes any fallback an error.
     """
 
-    groups: int | None = 32
+    groups: int | None = None
     channels_per_group: int | None = None
     min_group_channels: int = 2
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if (self.groups is None) == (self.channels_per_group is None):
+        if self.groups is None and self.channels_per_group is None:
+            object.__setattr__(self, "groups", 32)
+        if self.groups is not None and self.channels_per_group is not None:
             raise GNSurgeonError("give exactly one group policy: --groups G or --channels-per-group K, not both")
         for name in ("groups", "channels_per_group", "min_group_channels"):
             value = getattr(self, name)
