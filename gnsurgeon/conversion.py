@@ -205,9 +205,9 @@ def convert_source(
     delta, plan, warnings = _plans(source, opened, options, policy, selection)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
-        str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
+        str(source), plan, str(output) if output else None, dry_run, timings=timings, warnings=warnings
     )
-    report.warnings = warnings
+    report.data_config = opened.data_config
     if dry_run:
         return report
     start = time.perf_counter()

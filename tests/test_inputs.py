@@ -203,11 +203,17 @@ def test_metadata_schema_names_the_place(checkpoint, tmp_path):
         read_checkpoint(bad)
 
 
-def test_plan_naming_a_layer_the_model_lacks_is_one_sentence(checkpoint, tmp_path):
+def test_load_checks_kept_layers_against_the_plan_too(checkpoint, tmp_path):
+    """A kept layer that the model lacks, or that is another kind, loaded without a word."""
     plan = json.loads(read_checkpoint(checkpoint).plan.to_json())
-    plan["layers"][0]["path"] = "no.such.layer"
+    kept = next(i for i, lp in enumerate(plan["layers"]) if lp["action"] == "keep")
+    plan["layers"][kept]["path"] = "no.such.layer"
     bad = with_metadata(checkpoint, tmp_path / "p.safetensors", plan=plan)
-    with pytest.raises(GNSurgeonError, match="no.such.layer"):
+    with pytest.raises(GNSurgeonError, match="the plan names layer no.such.layer, which the model rebuilt from"):
+        load(bad)
+    plan["layers"][kept].update(path="layer4.0.bn1", kind="BatchNorm3d")
+    bad = with_metadata(checkpoint, tmp_path / "k.safetensors", plan=plan)
+    with pytest.raises(GNSurgeonError, match="layer4.0.bn1 .* the plan keeps a BatchNorm3d, but the model holds a Batch"):
         load(bad)
 
 
