@@ -251,15 +251,15 @@ def _plans(source: str, opened: OpenedSource, options: ConvertOptions, policy, s
     warnings = selection_warnings(options, delta)
     if options.fold and delta.with_action(Action.FROZEN):
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
-    refusal = nothing_to_convert(source, opened.plan, delta)
-    if refusal:
-        raise GNSurgeonError(refusal)
-    plan = merge_plans(opened.plan, delta)
     if options.calibrate and not delta.with_action(Action.GN):
         raise GNSurgeonError(
             f"--calibrate: this run converts no layer of {source} to GroupNorm; calibration fits new GN "
             "layers against their BN originals, so calibrate while converting from the BN model"
         )
+    refusal = nothing_to_convert(source, opened.plan, delta)
+    if refusal:
+        raise GNSurgeonError(refusal)
+    plan = merge_plans(opened.plan, delta)
     if options.bn_free:
         require_bn_free(plan)
     return delta, plan, warnings
