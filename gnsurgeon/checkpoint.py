@@ -10,10 +10,12 @@ Metadata keys (all strings, JSON where structured):
 ``gnsurgeon.history``      list of stages applied to the weights (convert, calibrate, finetune, ...)
 
 Anyone can open the file with ``safetensors`` alone; :func:`load` rebuilds the architecture from the
-source spec, replays the plan and loads the tensors, with no network access.
+source spec, replays the plan and loads the tensors, with no network access. Every key is checked
+by one schema (:func:`gnsurgeon.metadata.parse_metadata`) before anything uses it, and :func:`save`
+refuses a model that contradicts its plan (which ``load`` would otherwise rebuild as another model).
 
-Stage: persistence, after any stage that changes weights. It imports: errors, files, layers, plan,
-sources, surgery (to replay the plan on load); stage runners (conversion, finetuning) import it.
+Stage: persistence, after any stage that changes weights. It imports: errors, files, layers,
+metadata, models, plan, surgery (to replay the plan on load); stage runners (conversion, finetuning) import it.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import GNSurgeonError
+from .errors import GNSurgeonError, first_line
 from .files import check_output, write_atomically
 from .layers import norm_kind
+from .metadata import PREFIX, parse_metadata
 from .models import DataConfig, SourceSpec, build_model, load_state_dict_strict
 from .plan import Action, Plan
-from .surgery import apply_plan, replace_module
+from .surgery import apply_plan, check_against_plan, module_paths, replace_module
 
 FORMAT_VERSION = "1"
-_PREFIX = "gnsurgeon."
+_PREFIX = PREFIX
 
 
 @dataclass
@@ -74,11 +77,14 @@ def save(
     """Write ``model``'s tensors and the metadata that rebuilds it into one ``.safetensors`` file.
 
     ``source=None`` is allowed for models built by hand; :func:`load` then needs the unconverted
-    architecture passed as ``model=``.
+    architecture passed as ``model=``. ``model`` must be what ``plan`` describes (every layer's
+    action, channels, groups and eps), else nothing is written and the first contradicting layer is
+    named: ``load`` rebuilds the architecture from the plan, not from the model.
     """
     from safetensors.torch import save_file
 
     path = check_output(path, ".safetensors")
+    check_against_plan(model, plan)
     # Clone so no two entries share storage (safetensors refuses aliasing, e.g. tied weights).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {
@@ -100,8 +106,10 @@ def _read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
-    except Exception as exc:
-        raise GNSurgeonError(f"cannot read checkpoint {path}: not a valid safetensors file ({exc})") from None
+    except Exception as exc:  # safetensors' own error types: header too large, incomplete buffer...
+        raise GNSurgeonError(
+            f"checkpoint {path} is truncated or corrupt: not a valid safetensors file ({first_line(exc)})"
+        ) from None
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -116,27 +124,27 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Read a checkpoint's metadata (no tensors, no model)."""
+    """Read a checkpoint's metadata (no tensors, no model), every key checked by the schema."""
     path = Path(path)
     meta = _read_metadata(path)
     if _PREFIX + "format" not in meta:
-        raise GNSurgeonError(f"{path} is a safetensors file but not a gnsurgeon checkpoint (no metadata)")
-    fmt = meta[_PREFIX + "format"]
-    if fmt != FORMAT_VERSION:
-        raise GNSurgeonError(f"checkpoint {path} has format {fmt}; this gnsurgeon reads {FORMAT_VERSION}")
+        raise GNSurgeonError(
+            f"{path} is a safetensors file but is not a gnsurgeon checkpoint (no gnsurgeon metadata); to convert "
+            "a weights file, name the architecture (timm:NAME or torchvision:NAME) and pass it with --weights"
+        )
+    data = parse_metadata(meta, path, FORMAT_VERSION)
     try:
-        source = json.loads(meta[_PREFIX + "source"])
         return CheckpointInfo(
             path=path,
-            source=SourceSpec.from_dict(source) if source else None,
-            plan=Plan.from_json(meta[_PREFIX + "plan"]),
-            data_config=DataConfig.from_dict(json.loads(meta[_PREFIX + "data_config"])),
-            history=json.loads(meta.get(_PREFIX + "history", "[]")),
-            format=fmt,
-            written_by=meta.get(_PREFIX + "version", ""),
+            source=SourceSpec.from_dict(data["source"]) if data["source"] else None,
+            plan=Plan.from_dict(data["plan"]),
+            data_config=DataConfig.from_dict(data["data_config"]),
+            history=data["history"],
+            format=data["format"],
+            written_by=data["version"],
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise GNSurgeonError(f"checkpoint {path} has damaged metadata ({exc})") from None
+    except GNSurgeonError as exc:
+        raise GNSurgeonError(f"checkpoint {path} has a bad {_PREFIX}plan: {exc}") from None
 
 
 def _restore_frozen_kinds(model: nn.Module, plan: Plan) -> nn.Module:
@@ -144,11 +152,12 @@ def _restore_frozen_kinds(model: nn.Module, plan: Plan) -> nn.Module:
     weights; swap them back so the rebuilt model behaves like the one that was saved."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    by_path, _ = module_paths(model)
     for lp in plan:
         if lp.action != Action.KEEP or lp.kind != "FrozenBatchNorm2d":
             continue
-        module = model.get_submodule(lp.path)
-        if norm_kind(module).name == "BatchNorm2d":
+        module = by_path.get(lp.path)
+        if module is not None and getattr(norm_kind(module), "name", None) == "BatchNorm2d":
             replace_module(model, lp.path, FrozenBatchNorm2d(lp.channels, eps=lp.eps))
     return model
 
@@ -165,14 +174,19 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | torc
     if model is None:
         if info.source is None:
             raise GNSurgeonError(
-                f"checkpoint {path} records no source model; pass the unconverted architecture as model="
+                f"checkpoint {path} records no source model (saved with source=None); from Python, pass the "
+                "unconverted architecture as model= to gnsurgeon.load, export_onnx or verify_onnx"
             )
         base = build_model(info.source, pretrained=False)
         rebuilt = apply_plan(base, info.plan, inplace=True)
     else:
         rebuilt = apply_plan(model, info.plan)
     rebuilt = _restore_frozen_kinds(rebuilt, info.plan)
-    state = load_file(str(path))
+    check_against_plan(rebuilt, info.plan, f"the model rebuilt from {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # a header that reads but tensors cut short
+        raise GNSurgeonError(f"checkpoint {path} is truncated or corrupt ({first_line(exc)})") from None
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         rebuilt = rebuilt.to(dtypes.pop())

@@ -15,6 +15,7 @@ conversion, finetuning, onnx_export, onnx_verify, pipeline, sources inside the c
 from __future__ import annotations
 
 import ast
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,7 @@ import typer
 
 from . import __version__
 from .errors import GNSurgeonError, VerificationError
+from .files import check_output, check_output_dir
 from .options import resolve
 from .recipes import Recipe
 from .report import (
@@ -58,7 +60,10 @@ Cpg = Annotated[int | None, typer.Option("--channels-per-group", help="Fixed cha
 MinCpg = Annotated[
     int | None, typer.Option("--min-group-channels", help="Floor on C/G (default 2; 1 allows InstanceNorm).")
 ]
-Strict = Annotated[bool | None, typer.Option("--strict/--no-strict", help="Make any group fallback an error.")]
+Strict = Annotated[
+    bool | None,
+    typer.Option("--strict/--no-strict", help="Make any group fallback, or option matching nothing, an error."),
+]
 Only = Annotated[list[str] | None, typer.Option("--only", help="Convert only layers matching this glob.")]
 Skip = Annotated[list[str] | None, typer.Option("--skip", help="Leave layers matching this glob alone.")]
 Include1d = Annotated[bool | None, typer.Option("--include-1d/--no-include-1d", help="Also convert BatchNorm1d.")]
@@ -105,13 +110,43 @@ RecipePath = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML rec
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
 
-def _fail(exc: GNSurgeonError) -> None:
+def _fail(exc: GNSurgeonError, json_out: Path | None = None, command: str = "") -> None:
+    """Print the one-sentence error and exit (1: a check failed, 2: bad input); with ``--json``, the
+    report file says so too: ``{"command", "ok": false, "exit_code", "error"}``."""
+    code = 1 if isinstance(exc, VerificationError) else 2
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1 if isinstance(exc, VerificationError) else 2)
+    if json_out is not None:
+        failure = {"command": command, "gnsurgeon_version": __version__, "ok": False, "exit_code": code}
+        with contextlib.suppress(GNSurgeonError):
+            write_json(json_out, {**failure, "error": str(exc)})
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _reporting(command: str, json_out: Path | None):
+    """Run a command's body: ``--json`` is checked before anything else (a typo costs a second, not
+    a calibration), and every GNSurgeonError inside becomes one sentence, an exit code and, with
+    ``--json``, a failure report (the same file a success writes, with ``"ok": false``)."""
+    try:
+        checked = check_output(json_out, option="--json") if json_out is not None else None
+    except GNSurgeonError as exc:
+        _fail(exc)
+    try:
+        yield
+    except GNSurgeonError as exc:
+        _fail(exc, checked, command)
+
+
+def _write_report(json_out: Path | None, data: dict) -> None:
+    """The success report: every command's JSON says ``"ok"`` (true unless the report says otherwise)."""
+    if json_out is not None:
+        write_json(json_out, {"ok": True, **data} if "ok" not in data else data)
 
 
 def parse_model_kwargs(text: str | None) -> dict:
-    """``"drop_rate=0.1,img_size=(160,160),act='relu'"`` -> dict; values are Python literals or strings."""
+    """``"drop_rate=0.1,img_size=(160,160),act='relu'"`` -> dict. Values are Python literals, strings
+    quoted: an unquoted ``act=relu`` is an error naming the key rather than a string that some
+    constructors take and others reject much later (at the probe, after ``--dry-run`` said ok)."""
     if not text:
         return {}
     items, depth, current = [], 0, ""
@@ -126,14 +161,15 @@ def parse_model_kwargs(text: str | None) -> dict:
     items.append(current)
     out = {}
     for item in filter(None, (i.strip() for i in items)):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier():
             raise GNSurgeonError(f"--model-kwargs item {item!r} is not key=value")
         try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        out[key.strip()] = value
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise GNSurgeonError(
+                f"--model-kwargs {key}={raw} is not a Python literal; quote strings ({key}={raw!r})"
+            ) from None
     return out
 
 
@@ -222,8 +258,10 @@ def convert(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")] = False,
 ) -> None:
     """Rewrite SOURCE from BatchNorm to GroupNorm and save one checkpoint."""
-    try:
-        values = dict(locals())
+    values = dict(locals())
+    with _reporting("convert", json_out):
+        if output is not None and not dry_run:
+            check_output(output, ".safetensors", option="-o")
         source_flags = _source_flags(values)
         from .conversion import ConvertOptions, convert_source
 
@@ -233,8 +271,7 @@ def convert(
         )
         with step_progress(f"converting {source}", enabled=not quiet) as progress:
             report = convert_source(source, output, options, dry_run=dry_run, progress=progress)
-    except GNSurgeonError as exc:
-        _fail(exc)
+    _print_warnings(report.warnings)
     if not quiet or dry_run:
         console.print(plan_table(report.plan, f"Plan for {source}"))
     extra = {}
@@ -263,11 +300,14 @@ def convert(
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())
     extra["output"] = report.output or "(dry run: nothing written)"
     console.print(summary_table(report.summary, extra))
-    if json_out:
-        try:
-            write_json(json_out, report.to_dict())
-        except GNSurgeonError as exc:
-            _fail(exc)
+    with _reporting("convert", json_out):
+        _write_report(json_out, report.to_dict())
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    """Options that matched or changed nothing: one line each on stderr (and in the JSON report)."""
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -290,8 +330,8 @@ def inspect(
     json_out: JsonOut = None,
 ) -> None:
     """Print every normalization layer of SOURCE or CHECKPOINT: kind, C, action, G, C/G, eps, note."""
-    try:
-        values = dict(locals())
+    values = dict(locals())
+    with _reporting("inspect", json_out):
         source_flags = _source_flags(values)
         from .conversion import ConvertOptions, inspect_source
 
@@ -300,16 +340,12 @@ def inspect(
             ConvertOptions, recipe=_recipe(recipe), section="convert", flags=flags, images_flag="--calibrate DIR"
         )
         report = inspect_source(source, options)
-    except GNSurgeonError as exc:
-        _fail(exc)
+    _print_warnings(report.warnings)
     what = "checkpoint" if report.is_checkpoint else "planned conversion of"
     console.print(plan_table(report.plan, f"Normalization layers ({what} {source})"))
     console.print(summary_table(report.plan.summary(), {"data config": report.data_config.to_dict()}))
-    if json_out:
-        try:
-            write_json(json_out, report.to_dict())
-        except GNSurgeonError as exc:
-            _fail(exc)
+    with _reporting("inspect", json_out):
+        _write_report(json_out, report.to_dict())
 
 
 # --- finetune command (issue 5) ---
@@ -380,43 +416,52 @@ def finetune_command(
 
     values = dict(locals())
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    try:
+    with _reporting("finetune", json_out if main_rank else None):
         if output is None:
             raise GNSurgeonError("an output file is required (-o OUT.safetensors)")
+        check_output(output, ".safetensors", option="-o")
         from .finetuning import FinetuneOptions, finetune
 
         flags = _picked(FinetuneOptions, values)
         options = resolve(FinetuneOptions, recipe=_recipe(recipe), section="finetune", flags=flags)
         report = finetune(checkpoint, output, options, progress=None if quiet else err_console)
-    except GNSurgeonError as exc:
-        _fail(exc)
     if not main_rank:
         return
     for note in report.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(finetune_table(report))
-    if json_out:
-        try:
-            write_json(json_out, report.to_dict())
-        except GNSurgeonError as exc:
-            _fail(exc)
+    with _reporting("finetune", json_out):
+        _write_report(json_out, report.to_dict())
 
 
 # --- export-onnx / verify-onnx commands (issue 6) ---
 DataDir = Annotated[Path | None, typer.Option("--data", help="Image folder: also compare on real images.")]
-MaxImages = Annotated[int, typer.Option("--max-images", help="Images used from --data.")]
-Batch = Annotated[int, typer.Option("--batch", help="The batch > 1 checked (whole model and stress inputs).")]
-Atol = Annotated[float, typer.Option("--atol", help="Absolute error allowed everywhere.")]
-Rtol = Annotated[float, typer.Option("--rtol", help="Per-GN-layer relative error, scaled by kappa*sqrt(group size).")]
-ModelRtol = Annotated[float, typer.Option("--model-rtol", help="Relative error allowed on whole-model outputs.")]
+MaxImages = Annotated[int | None, typer.Option("--max-images", help="Images used from --data (8).")]
+Batch = Annotated[int | None, typer.Option("--batch", help="The batch > 1 checked (whole model and stress inputs; 3).")]
+Atol = Annotated[float | None, typer.Option("--atol", help="Absolute error allowed everywhere (1e-5).")]
+Rtol = Annotated[
+    float | None, typer.Option("--rtol", help="Per-GN-layer relative error, scaled by kappa*sqrt(group size) (1e-6).")
+]
+ModelRtol = Annotated[
+    float | None, typer.Option("--model-rtol", help="Relative error allowed on whole-model outputs (1e-4).")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only failing layers and the summary.")]
+ExportRecipe = Annotated[
+    Path | None, typer.Option("--recipe", help="YAML/TOML recipe: its export section; flags override it.")
+]
 
 
-def _onnx_options(cls, values: dict):
-    """ExportOptions (with its nested VerifyOptions) or VerifyOptions from the command's flags."""
+def _onnx_options(values: dict, recipe: Path | None):
+    """ExportOptions (with its nested VerifyOptions) from the recipe's ``export`` section and the flags.
+
+    verify-onnx takes the ``checks`` part: the same section, so that a recipe's tolerances apply to
+    a file checked later exactly as they did at export.
+    """
+    from .onnx_export import ExportOptions
     from .onnx_verify import VerifyOptions
 
-    return resolve(cls, flags={**_picked(VerifyOptions, values), **_picked(cls, values)})
+    flags = {**_picked(VerifyOptions, values), **_picked(ExportOptions, values)}
+    return resolve(ExportOptions, recipe=_recipe(recipe), section="export", flags=flags)
 
 
 def _source_options(source_flags: dict):
@@ -437,11 +482,12 @@ def export_onnx_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 18, 21 for native GN).")] = None,
     gn_op: Annotated[
-        str, typer.Option("--gn-op", help="decomposed (InstanceNormalization, default) or native (GroupNormalization).")
-    ] = "decomposed",
+        str | None,
+        typer.Option("--gn-op", help="decomposed (InstanceNormalization, default) or native (GroupNormalization)."),
+    ] = None,
     dynamic_batch: Annotated[
-        bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch axis (default) or batch 1.")
-    ] = True,
+        bool | None, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch axis (default) or batch 1.")
+    ] = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -451,29 +497,28 @@ def export_onnx_command(
     mean: Mean = None,
     std: Std = None,
     data: DataDir = None,
-    max_images: MaxImages = 8,
-    batch: Batch = 3,
-    atol: Atol = 1e-5,
-    rtol: Rtol = 1e-6,
-    model_rtol: ModelRtol = 1e-4,
+    max_images: MaxImages = None,
+    batch: Batch = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    model_rtol: ModelRtol = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the verification (not recommended).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write OUT.onnx even when verification fails.")] = False,
+    recipe: ExportRecipe = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,
 ) -> None:
     """Export SOURCE or CHECKPOINT to ONNX (BN folded, GN as asked) and verify it in onnxruntime."""
-    try:
-        values = {**dict(locals()), "verify": not no_verify}
+    values = {**dict(locals()), "verify": False if no_verify else None, "force": force or None}
+    with _reporting("export-onnx", json_out):
+        check_output(output, ".onnx", option="-o")
         source_flags = _source_flags(values)
-        from .onnx_export import ExportOptions, export_onnx
+        from .onnx_export import export_onnx
 
-        options = _onnx_options(ExportOptions, values)
+        options = _onnx_options(values, recipe)
         with step_progress(f"exporting {source}"):
             report = export_onnx(source, output, options, _source_options(source_flags))
-        if json_out:
-            write_json(json_out, report.to_dict())
-    except GNSurgeonError as exc:
-        _fail(exc)
+        _write_report(json_out, report.to_dict())
     if report.verification is not None:
         render_verification(report.verification, quiet)
     console.print(export_table(report))
@@ -495,27 +540,25 @@ def verify_onnx_command(
     mean: Mean = None,
     std: Std = None,
     data: DataDir = None,
-    max_images: MaxImages = 8,
-    batch: Batch = 3,
-    atol: Atol = 1e-5,
-    rtol: Rtol = 1e-6,
-    model_rtol: ModelRtol = 1e-4,
+    max_images: MaxImages = None,
+    batch: Batch = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    model_rtol: ModelRtol = None,
+    recipe: ExportRecipe = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,
 ) -> None:
     """Check ONNX_FILE against SOURCE or CHECKPOINT: whole model, then every GroupNorm with stress inputs."""
-    try:
-        values = dict(locals())
+    values = dict(locals())
+    with _reporting("verify-onnx", json_out):
         source_flags = _source_flags(values)
-        from .onnx_verify import VerifyOptions, verify_onnx
+        from .onnx_verify import verify_onnx
 
-        options = _onnx_options(VerifyOptions, values)
+        options = _onnx_options(values, recipe).checks
         with step_progress(f"verifying {onnx_file}"):
             report = verify_onnx(onnx_file, source, options, _source_options(source_flags))
-        if json_out:
-            write_json(json_out, report.to_dict())
-    except GNSurgeonError as exc:
-        _fail(exc)
+        _write_report(json_out, report.to_dict())
     render_verification(report, quiet)
     console.print(f"onnx.checker: {report.checker}; opset {report.opset}; input {report.input_shape}", highlight=False)
     if not report.ok:
@@ -571,8 +614,10 @@ def run_command(
     json_out: JsonOut = None,
 ) -> None:
     """Run convert (+ calibrate) -> finetune -> export-onnx as RECIPE says; resumes finished stages."""
-    try:
-        source_flags = _source_flags(dict(locals()))
+    values = dict(locals())
+    with _reporting("run", json_out):
+        check_output_dir(output, option="-o")
+        source_flags = _source_flags(values)
         from .pipeline import run_recipe
 
         report = run_recipe(
@@ -586,15 +631,10 @@ def run_command(
             stage_callback=lambda name: console.rule(f"[bold]{name}"),
             progress=err_console,
         )
-    except GNSurgeonError as exc:
-        _fail(exc)
     table = run_table(report.to_dict())
     console.print(table)
-    if json_out:
-        try:
-            write_json(json_out, report.to_dict())
-        except GNSurgeonError as exc:
-            _fail(exc)
+    with _reporting("run", json_out):
+        _write_report(json_out, report.to_dict())
 
 
 def _version(value: bool) -> None:

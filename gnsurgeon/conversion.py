@@ -11,6 +11,7 @@ fold, options, plan, probe, sources, surgery, targets (``--like``).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from .errors import GNSurgeonError
 from .files import check_output
 from .fold import plan_folds
 from .options import IMAGES, NOT_IN_RECIPES, build
-from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
+from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection, matches
 from .probe import make_probe_input
 from .sources import DataConfig, OpenedSource, SourceOptions, open_source
 from .surgery import NO_INPLACE, apply_plan, make_plan
@@ -102,6 +103,47 @@ def merge_plans(previous: Plan | None, new: Plan) -> Plan:
     return Plan(layers=layers, options=new.options)
 
 
+def nothing_to_convert(source: str, previous: Plan | None, delta: Plan) -> str | None:
+    """Why a run would change no layer (one sentence), or None when it changes some.
+
+    ``convert`` refuses such a run (exit 2) rather than write a checkpoint identical to its input,
+    or with an empty plan, and record options that did nothing (a GN checkpoint converted again with
+    ``--groups 16`` used to exit 0 with every layer still G=32 and ``"groups": 16`` in its history).
+    """
+    if delta.with_action(Action.GN, Action.FROZEN, Action.FOLDED):
+        return None
+    if delta.options.get(NO_INPLACE) and not (previous is not None and previous.options.get(NO_INPLACE)):
+        return None  # --no-inplace on a checkpoint that still had in-place activations: a change
+    if not len(delta):
+        if previous is not None and len(previous):
+            done = ", ".join(f"{n} {a}" for a, n in previous.summary()["actions"].items())
+            return (
+                f"checkpoint {source} has no batch-norm layer left to convert ({done}): options such as "
+                "--groups act only on layers that are still batch norms"
+            )
+        return (
+            f"{source} has no batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm, FrozenBatchNorm2d or timm's "
+            "BN+act kinds), so there is nothing to convert"
+        )
+    reasons = Counter(lp.note for lp in delta)
+    why = "; ".join(f"{n} {note}" for note, n in reasons.most_common(2))
+    return f"this run converts none of the {len(delta)} batch-norm layer(s) of {source}: every one stays ({why})"
+
+
+def effective_options(delta: Plan) -> dict:
+    """The plan options that acted on this run's layers, for the history: the group policy only when
+    some layer became GN, and only the patterns that matched a layer (a record of what was done)."""
+    paths = [lp.path for lp in delta]
+    selection = {
+        key: [p for p in value if any(matches(path, [p]) for path in paths)] if isinstance(value, list) else value
+        for key, value in delta.options.get("selection", {}).items()
+    }
+    out = {"selection": selection}
+    if delta.with_action(Action.GN):
+        out = {"policy": delta.options.get("policy"), **out}
+    return out
+
+
 def require_bn_free(plan: Plan) -> None:
     """``--bn-free`` (e.g. for DP-SGD, where opacus rejects any batch statistics): no layer may stay BN."""
     kept = plan.with_action(Action.KEEP)
@@ -126,6 +168,7 @@ class ConvertReport:
     data_config: DataConfig | None = None
     like: dict | None = None  # --like: the target, strict load, output comparison
     inplace_off: int | None = None  # --no-inplace: how many modules it turned off (0: none were in place)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> dict:
@@ -138,6 +181,7 @@ class ConvertReport:
             "source": self.source,
             "output": self.output,
             "dry_run": self.dry_run,
+            "warnings": self.warnings,
             "summary": self.summary,
             "probe": self.probe,
             "fold_check": self.fold_check,
@@ -173,11 +217,12 @@ def convert_source(
     opened = open_source(source, options)
     like = open_like(options.like, opened.spec, options.seed) if options.like else None
     start = time.perf_counter()
-    delta, plan = _plans(source, opened, options, policy, selection, like)
+    delta, plan, warnings = _plans(source, opened, options, policy, selection, like)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
-        str(source), plan, str(output) if output else None, dry_run, data_config=opened.data_config, timings=timings
+        str(source), plan, str(output) if output else None, dry_run, timings=timings, warnings=warnings
     )
+    report.data_config = opened.data_config
     if dry_run:
         return report
     start = time.perf_counter()
@@ -211,25 +256,41 @@ def convert_source(
     return report
 
 
+def selection_warnings(options: ConvertOptions, delta: Plan) -> list[str]:
+    """Options that matched or changed nothing in this run (see :meth:`Selection.warnings`), and
+    ``--fold`` with nothing frozen to fold. ``--strict`` makes the first one an error."""
+    warnings = options.selection().warnings([lp.path for lp in delta])
+    if options.fold and not delta.with_action(Action.FROZEN):
+        warnings.append("--fold does nothing here: no layer is frozen in this run (--freeze), and only BN* folds")
+    if options.strict and warnings:
+        raise GNSurgeonError(f"--strict: {warnings[0]}")
+    return warnings
+
+
 def _plans(
     source: str, opened: OpenedSource, options: ConvertOptions, policy, selection, like: LikeTarget | None = None
-) -> tuple[Plan, Plan]:
-    """What this run changes (the delta) and the whole model's plan after it, checked against
-    ``--calibrate`` (something must become GN) and ``--bn-free`` (nothing may stay BN)."""
+) -> tuple[Plan, Plan, list]:
+    """What this run changes (the delta), the whole model's plan after it and the warnings, checked:
+    something must change (:func:`nothing_to_convert`), ``--calibrate`` needs new GN layers and
+    ``--bn-free`` forbids any batch norm left."""
     delta = plan_like(opened.model, like, selection) if like else make_plan(opened.model, policy, selection)
     if options.no_inplace or (opened.plan is not None and opened.plan.options.get(NO_INPLACE)):
         delta.options[NO_INPLACE] = True
-    if options.fold:
+    warnings = selection_warnings(options, delta)
+    if options.fold and delta.with_action(Action.FROZEN):
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
-    plan = merge_plans(opened.plan, delta)
     if options.calibrate and not delta.with_action(Action.GN):
         raise GNSurgeonError(
             f"--calibrate: this run converts no layer of {source} to GroupNorm; calibration fits new GN "
             "layers against their BN originals, so calibrate while converting from the BN model"
         )
+    refusal = nothing_to_convert(source, opened.plan, delta)
+    if refusal:
+        raise GNSurgeonError(refusal)
+    plan = merge_plans(opened.plan, delta)
     if options.bn_free:
         require_bn_free(plan)
-    return delta, plan
+    return delta, plan, warnings
 
 
 def _check_result(opened: OpenedSource, converted, delta: Plan, options: ConvertOptions, report: ConvertReport):
@@ -247,7 +308,7 @@ def _history_entry(source: str, options: ConvertOptions, delta: Plan, report: Co
         source=str(source),
         weights=options.weights,
         pretrained=options.pretrained,
-        options=delta.options,
+        options=effective_options(delta),
         converted=len(delta.with_action(Action.GN)),
         frozen=len(delta.with_action(Action.FROZEN)),
         folded=len(delta.with_action(Action.FOLDED)),
@@ -268,6 +329,7 @@ class InspectReport:
     is_checkpoint: bool
     data_config: DataConfig
     history: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -275,6 +337,7 @@ class InspectReport:
             "gnsurgeon_version": __version__,
             "source": self.source,
             "is_checkpoint": self.is_checkpoint,
+            "warnings": self.warnings,
             "summary": self.plan.summary(),
             "data_config": self.data_config.to_dict(),
             "history": self.history,
@@ -288,15 +351,36 @@ def inspect_source(source: str, options: ConvertOptions | None = None) -> Inspec
     options.policy()  # refuses --like with --groups
     if is_checkpoint(source):
         info = read_checkpoint(source)
-        return InspectReport(str(source), info.plan, True, info.data_config, info.history)
+        defaults = ConvertOptions()
+        given = [f"--{n.replace('_', '-')}" for n in _PLAN_FIELDS if getattr(options, n) != getattr(defaults, n)]
+        ignored = f"{', '.join(given)}: conversion options do not apply to inspecting a checkpoint (its stored plan)"
+        warnings = [ignored] if given else []
+        return InspectReport(str(source), info.plan, True, info.data_config, info.history, warnings)
     opened = open_source(source, options)
     if options.like:
         plan = plan_like(opened.model, open_like(options.like, opened.spec, options.seed), options.selection())
     else:
         plan = make_plan(opened.model, options.policy(), options.selection())
-    if options.fold:
+    warnings = selection_warnings(options, plan)
+    if options.fold and plan.with_action(Action.FROZEN):
         plan = plan_folds(opened.model, plan, make_probe_input(opened.data_config, batch=1, seed=options.seed))
-    return InspectReport(str(source), plan, False, opened.data_config)
+    refusal = nothing_to_convert(str(source), None, plan)
+    warnings += [f"convert would refuse: {refusal}"] if refusal else []
+    return InspectReport(str(source), plan, False, opened.data_config, warnings=warnings)
+
+
+# The options that shape a plan; inspecting a checkpoint ignores them (it shows the stored plan).
+_PLAN_FIELDS = (
+    "groups",
+    "channels_per_group",
+    "min_group_channels",
+    "strict",
+    "only",
+    "skip",
+    "include_1d",
+    "freeze",
+    "fold",
+)
 
 
 def layer_rows(plan: Plan) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import GNSurgeonError
 
-__all__ = ["check_output", "write_atomically", "write_text_atomically"]
+__all__ = ["check_output", "check_output_dir", "write_atomically", "write_text_atomically"]
 
 
 def check_output(path: str | Path, suffix: str | None = None, option: str = "output") -> Path:
@@ -33,6 +33,23 @@ def check_output(path: str | Path, suffix: str | None = None, option: str = "out
         raise GNSurgeonError(f"{option} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise GNSurgeonError(f"{option} {path}: folder {parent} is not writable")
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "output") -> Path:
+    """``path`` as a Path, after checking it can hold a command's outputs (``run -o DIR``): an
+    existing writable folder, or a path whose nearest existing ancestor is a writable folder (it is
+    created when the work starts, not here, so a failed check leaves nothing behind)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GNSurgeonError(f"{option} {path} exists and is not a folder")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent if str(ancestor.parent) else Path(".")
+    if not ancestor.is_dir():
+        raise GNSurgeonError(f"{option} {path}: {ancestor} is a file, so the folder cannot be created")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GNSurgeonError(f"{option} {path}: folder {ancestor} is not writable")
     return path
 
 

@@ -12,7 +12,11 @@ builders, so that naming one library does not load the other).
 
 from __future__ import annotations
 
+import contextlib
 import inspect as pyinspect
+import re
+import socket
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from .errors import GNSurgeonError, first_line
 LIBRARIES = ("timm", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes in library messages
 
 
 @dataclass
@@ -109,7 +114,8 @@ def build_model(spec: SourceSpec, *, pretrained: bool | None = None) -> nn.Modul
             import timm
 
             _check_timm_name(spec.name)
-            return timm.create_model(spec.name, pretrained=use_pretrained, **kwargs)
+            with hub_offline_unless_reachable(use_pretrained):
+                return timm.create_model(spec.name, pretrained=use_pretrained, **kwargs)
         builder = _torchvision_builder(spec.name)
         params = pyinspect.signature(builder).parameters
         kwargs.setdefault("weights", "DEFAULT" if use_pretrained else None)
@@ -130,11 +136,54 @@ def build_model(spec: SourceSpec, *, pretrained: bool | None = None) -> nn.Modul
         raise GNSurgeonError(f"could not build {spec} with {kwargs}: {first_line(exc)}") from None
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(pretrained: bool):
+    """While timm fetches pretrained weights: if the Hugging Face Hub cannot be reached (one TCP
+    connect, at most 3 s), switch huggingface_hub to offline mode so that cached weights still load
+    and missing ones fail at once. Without it, an offline ``--pretrained`` spent ~52 s printing
+    "Retrying in 8s" (the hub's HEAD request backs off five times) before failing the same way."""
+    try:
+        from huggingface_hub import constants as hub
+    except ImportError:  # timm without the hub: its own download fails fast
+        hub = None
+    if not pretrained or hub is None or hub.HF_HUB_OFFLINE or _reachable(hub.ENDPOINT):
+        yield
+        return
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
 def _looks_offline(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, OSError) or any(
         s in text for s in ("connection", "urlopen", "offline", "resolve", "hub", "network")
     )
+
+
+def _with_channels(config: DataConfig, in_chans) -> DataConfig:
+    """timm's data config says 3 channels whatever ``in_chans`` the model was built with, so probes
+    of an ``--in-chans 1`` model failed; take the model's channels, mean/std averaged over RGB."""
+    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1 or in_chans == config.input_size[0]:
+        return config
+    config.input_size = (in_chans, *config.input_size[1:])
+    if len(config.mean) != in_chans:
+        config.mean = (sum(config.mean) / len(config.mean),) * in_chans
+        config.std = (sum(config.std) / len(config.std),) * in_chans
+    return config
 
 
 def data_config_for(spec: SourceSpec, model: nn.Module) -> DataConfig:
@@ -143,13 +192,14 @@ def data_config_for(spec: SourceSpec, model: nn.Module) -> DataConfig:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({}, model=model)
-        return DataConfig(
+        config = DataConfig(
             input_size=tuple(int(v) for v in cfg["input_size"]),
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
             interpolation=str(cfg.get("interpolation", "bilinear")),
             crop_pct=float(cfg.get("crop_pct", 0.875)),
         )
+        return _with_channels(config, spec.kwargs.get("in_chans"))
     import torchvision.models as tvm
 
     task = _torchvision_task(spec.name)
@@ -199,10 +249,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, unsafe globals...
-        raise GNSurgeonError(
-            f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({first_line(exc)})"
-        ) from None
+        raise GNSurgeonError(_unreadable_weights(path, exc)) from None
     return _unwrap_state_dict(obj, path)
+
+
+def _unreadable_weights(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one sentence.
+
+    The pickle's classes are listed without running anything (torch's own opcode scan): a whole
+    pickled model (``torch.save(model)``, the commonest mistake) names its module classes, and the
+    fix is to save ``model.state_dict()``; torch's own message is a page of advice with ANSI codes.
+    """
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a zip checkpoint, truncated: nothing to list
+        names = []
+    if any(n.startswith("torch.nn.modules.") for n in names):
+        top = next((n for n in names if not n.startswith("torch.nn.modules.")), names[0])
+        return (
+            f"weights file {path} holds a pickled model ({top}), not a state dict: save `model.state_dict()` "
+            "and pass that file (gnsurgeon never runs pickled code)"
+        )
+    if names:
+        return (
+            f"weights file {path} holds pickled Python objects ({', '.join(names[:3])}), not only tensors; "
+            "gnsurgeon never runs pickled code: save a dict of tensors (a state dict)"
+        )
+    reason = _ANSI.sub("", first_line(exc))
+    return f"cannot read weights file {path}: corrupt, truncated or not a PyTorch state dict ({reason})"
 
 
 def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

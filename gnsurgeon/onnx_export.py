@@ -291,11 +291,14 @@ def export_onnx(
     output: str | Path,
     options: ExportOptions | None = None,
     source_options: SourceOptions | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> ExportReport:
     """Export ``source`` (``timm:``/``torchvision:`` name or gnsurgeon checkpoint) to ``output``.
 
     ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for opening the source
-    (weights, constructor kwargs, ``input_size``). BN is folded, the graph checked with
+    (weights, constructor kwargs, ``input_size``); ``model`` the unconverted architecture of a
+    checkpoint saved with ``source=None`` (as for :func:`gnsurgeon.load`). BN is folded, the graph checked with
     ``onnx.checker``, then verified (``options.verify``). The file is written only when verification
     passes, or with ``options.force``; ``report.ok`` says which.
     """
@@ -303,7 +306,7 @@ def export_onnx(
     opset = options.resolved_opset()
     output = check_output(output, ".onnx")
     start = time.perf_counter()
-    opened = open_source(source, source_options or SourceOptions())
+    opened = open_source(source, source_options or SourceOptions(), model=model)
     require_tensor_task(opened.data_config, source)
     reference = opened.model.float().eval()
     timings = {"build": round(time.perf_counter() - start, 3)}

@@ -528,11 +528,15 @@ def verify_onnx(
     source: str,
     options: VerifyOptions | None = None,
     source_options: SourceOptions | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> VerifyReport:
     """Check an existing ONNX file against the checkpoint or model source it should compute.
 
     ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for the source (weights,
-    constructor kwargs, input size). Returns the report; ``report.ok`` is False when a check failed.
+    constructor kwargs, input size); ``model`` the unconverted architecture of a checkpoint saved
+    with ``source=None`` (as for :func:`gnsurgeon.load`). Returns the report; ``report.ok`` is False
+    when a check failed.
     """
     import onnx
 
@@ -541,12 +545,12 @@ def verify_onnx(
     if not path.is_file():
         raise GNSurgeonError(f"ONNX file {path} does not exist")
     try:
-        model = onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as exc:  # DecodeError, OSError, missing external data
         raise GNSurgeonError(f"cannot read ONNX file {path}: {onnxruntime_message(exc)}") from None
-    opened = open_source(source, source_options or SourceOptions())
+    opened = open_source(source, source_options or SourceOptions(), model=model)
     require_tensor_task(opened.data_config, source)
-    return verify_model(model, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))
+    return verify_model(proto, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))
 
 
 def require_tensor_task(config: DataConfig, source: str) -> None:

@@ -60,17 +60,20 @@ class Action(str, Enum):
 class GroupPolicy:
     """How many groups a GroupNorm over C channels gets.
 
-    Exactly one of ``groups`` / ``channels_per_group`` is set. ``min_group_channels`` is the floor on
+    At most one of ``groups`` / ``channels_per_group`` is set; neither means G = 32, so that
+    ``GroupPolicy(channels_per_group=16)`` reads as it says. ``min_group_channels`` is the floor on
     C/G (1 allows InstanceNorm). ``strict`` makes any fallback an error.
     """
 
-    groups: int | None = 32
+    groups: int | None = None
     channels_per_group: int | None = None
     min_group_channels: int = 2
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if (self.groups is None) == (self.channels_per_group is None):
+        if self.groups is None and self.channels_per_group is None:
+            object.__setattr__(self, "groups", 32)
+        if self.groups is not None and self.channels_per_group is not None:
             raise GNSurgeonError("give exactly one group policy: --groups G or --channels-per-group K, not both")
         for name in ("groups", "channels_per_group", "min_group_channels"):
             value = getattr(self, name)
@@ -250,3 +253,21 @@ class Selection:
         if kind == "BatchNorm1d" and not self.include_1d:
             return Action.KEEP, "BatchNorm1d is opt-in (--include-1d): on token inputs GN means something else"
         return Action.GN, ""
+
+    def warnings(self, paths: Sequence[str]) -> list[str]:
+        """What a user would not see otherwise, given the batch-norm layer ``paths`` this selection
+        was applied to: every pattern that matched none of them (a typo selects nothing, silently),
+        and the layers both ``--skip`` and ``--freeze`` match (``--skip`` wins: they stay BN)."""
+        notes = []
+        for option, patterns in (("--only", self.only), ("--skip", self.skip), ("--freeze", self.freeze)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+                    notes.append(f"{option} {pattern!r} matched no batch-norm layer")
+        both = [p for p in paths if matches(p, self.skip) and matches(p, self.freeze)]
+        if both:
+            more = f", ... {len(both) - 3} more" if len(both) > 3 else ""
+            notes.append(
+                f"--skip wins over --freeze for {len(both)} layer(s) both match, which stay batch norms: "
+                f"{', '.join(both[:3])}{more}"
+            )
+        return notes

@@ -18,7 +18,11 @@ read), and never torch: the CLI reads recipes at startup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import contextlib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from .errors import GNSurgeonError
@@ -119,9 +123,71 @@ class Recipe:
         return layers
 
 
+_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), str: ("a string", "strings")}
+
+
+def conform(hint, value):
+    """``value`` checked against a field's type ``hint`` (and converted where YAML is ambiguous), or
+    a TypeError saying what was expected.
+
+    Recipes are YAML/TOML, so a typo in a value arrives as the wrong type (``groups: "32x"``,
+    ``skip: {a: 1}``) and used to surface as a traceback wherever the value was first used. Floats
+    accept integers and numeric strings: YAML 1.1 reads ``1e-4`` (no dot) as a string.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        wanted = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return conform(arg, value)
+            except TypeError as exc:
+                wanted.append(str(exc))
+        raise TypeError(" or ".join(wanted + (["null"] if type(None) in args else [])))
+    if hint is float:
+        number = value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+            return float(number)
+        raise TypeError("a finite number")
+    if hint in _NAMES:
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise TypeError(_NAMES[hint][0])
+    if origin in (list, tuple) and args:
+        item = args[0]
+        if isinstance(value, (list, tuple)):
+            try:
+                items = [conform(item, v) for v in value]
+            except TypeError:
+                items = None
+            if items is not None:
+                return items if origin is list else tuple(items)
+        raise TypeError(f"a list of {_NAMES.get(item, ('', 'numbers'))[1]}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError("a mapping")
+    if isinstance(hint, type) and is_dataclass(hint) and not isinstance(value, hint):
+        raise TypeError(f"a {hint.__name__}")
+    return value
+
+
 def options_from_mapping(cls, values: dict, what: str, origin: str):
-    """Build an options dataclass, naming unknown fields and where they came from."""
+    """Build an options dataclass, naming unknown fields, values of the wrong type, and where they came
+    from; range checks are the dataclass's own."""
     unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
         raise GNSurgeonError(f"unknown {what} option(s) {', '.join(unknown)} in {origin}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        try:
+            checked[key] = conform(hints[key], value)
+        except TypeError as exc:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise GNSurgeonError(f"{what} option {key} in {origin} must be {exc}, got {shown}") from None
+    return cls(**checked)

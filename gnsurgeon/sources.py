@@ -8,7 +8,8 @@ Building an architecture from a spec, reading weights files and data configs is 
 :mod:`gnsurgeon.models`, which checkpoints rebuild models with; its names are re-exported here, where
 the rest of the package has always found them.
 
-Stage: opening a source, first in every stage. It imports: checkpoint, errors, models, options.
+Stage: opening a source, first in every stage. It imports: checkpoint, errors, hooks, models, options,
+plan, probe.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from .checkpoint import is_checkpoint, load, read_checkpoint
-from .errors import GNSurgeonError
+from .errors import GNSurgeonError, first_line
+from .hooks import eval_mode
 from .models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -35,6 +37,7 @@ from .models import (
 )
 from .options import NOT_IN_RECIPES
 from .plan import Plan
+from .probe import make_probe_input, model_device, move_to
 
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -93,20 +96,23 @@ class OpenedSource:
     build_seconds: float = 0.0
 
 
-def _open_checkpoint(source: str, options: SourceOptions) -> OpenedSource:
+def _open_checkpoint(source: str, options: SourceOptions, model: nn.Module | None) -> OpenedSource:
     if options.constructor_kwargs() or options.weights or options.pretrained:
         raise GNSurgeonError(
             f"source {source} is a gnsurgeon checkpoint: constructor options, --weights and "
             "--pretrained do not apply to it"
         )
     info = read_checkpoint(source)
-    return OpenedSource(load(source), info.source, info.data_config, info.plan, list(info.history))
+    return OpenedSource(load(source, model=model), info.source, info.data_config, info.plan, list(info.history))
 
 
 def _open_spec(source: str, options: SourceOptions) -> OpenedSource:
-    if Path(source).suffix in WEIGHTS_SUFFIXES or Path(source).exists():
-        if not Path(source).exists():
+    path = Path(source)
+    if path.suffix in WEIGHTS_SUFFIXES or path.exists():
+        if not path.exists():
             raise GNSurgeonError(f"source file {source} does not exist")
+        if path.suffix == ".safetensors" and path.is_file():
+            read_checkpoint(path)  # says why it is not one: truncated or corrupt, or no gnsurgeon metadata
         raise GNSurgeonError(
             f"source {source} is not a gnsurgeon checkpoint; name the architecture "
             "(timm:NAME or torchvision:NAME) and pass the file with --weights"
@@ -120,17 +126,41 @@ def _open_spec(source: str, options: SourceOptions) -> OpenedSource:
     return OpenedSource(model, spec, data_config_for(spec, model))
 
 
-def open_source(source: str, options: SourceOptions | None = None) -> OpenedSource:
+def open_source(source: str, options: SourceOptions | None = None, *, model: nn.Module | None = None) -> OpenedSource:
     """``timm:NAME`` / ``torchvision:NAME`` (+ weights) or a gnsurgeon checkpoint -> model.
 
     ``options`` may be any :class:`SourceOptions`, :class:`~gnsurgeon.ConvertOptions` included.
+    ``model`` is the unconverted architecture of a checkpoint saved with ``source=None`` (see
+    :func:`gnsurgeon.load`); it is not modified, and it applies to checkpoints only.
     """
     options = options or SourceOptions()
     start = time.perf_counter()
-    opened = _open_checkpoint(source, options) if is_checkpoint(source) else _open_spec(source, options)
+    if is_checkpoint(source):
+        opened = _open_checkpoint(source, options, model)
+    elif model is not None:
+        raise GNSurgeonError(
+            f"model= is the architecture of a checkpoint saved with source=None; {source} is not a checkpoint"
+        )
+    else:
+        opened = _open_spec(source, options)
     options.apply_to(opened.data_config)
+    if options.input_size is not None:
+        check_input_size(opened.model, opened.data_config, source)
     opened.build_seconds = time.perf_counter() - start
     return opened
+
+
+def check_input_size(model: nn.Module, config: DataConfig, source: str) -> None:
+    """One forward pass at batch 1 on the ``--input-size`` the user gave, before any work: a wrong
+    channel count or a map too small for the model's strides is a bad input (exit 2, the option
+    named), not a failed check of the converted model (exit 1) after the work."""
+    x = make_probe_input(config, batch=1)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(move_to(x, model_device(model)))
+    except Exception as exc:  # whatever the model raises on a shape it cannot take
+        size = ",".join(map(str, config.input_size))
+        raise GNSurgeonError(f"--input-size {size} does not fit {source}: {first_line(exc)}") from None
 
 
 __all__ = [

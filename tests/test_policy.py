@@ -71,7 +71,6 @@ def test_larger_channel_floor_is_respected():
     "kwargs, match",
     [
         ({"groups": 32, "channels_per_group": 16}, "not both"),
-        ({"groups": None}, "exactly one"),
         ({"groups": 0}, "positive integer"),
         ({"groups": 32, "min_group_channels": 0}, "positive integer"),
     ],
@@ -79,3 +78,11 @@ def test_larger_channel_floor_is_respected():
 def test_bad_policies_are_rejected(kwargs, match):
     with pytest.raises(GNSurgeonError, match=match):
         GroupPolicy(**kwargs)
+
+
+def test_one_policy_given_alone_is_that_policy_and_none_is_g32():
+    """``GroupPolicy(channels_per_group=16)`` (the README's example) used to fail with "not both"
+    because ``groups`` defaulted to 32."""
+    assert GroupPolicy(channels_per_group=16).resolve(64) == (4, "")
+    assert GroupPolicy(channels_per_group=16).groups is None
+    assert GroupPolicy().groups == 32 and GroupPolicy(groups=None).groups == 32

@@ -162,7 +162,7 @@ def test_like_a_checkpoint_takes_its_eps_and_names_the_first_layer_that_computes
     assert {m.eps for m in load(out).modules() if isinstance(m, nn.GroupNorm)} == {1e-3}
 
     silu = tmp_path / "silu.safetensors"
-    ok(run("convert", "timm:resnet18", *SMALL, "--model-kwargs", "act_layer=silu", "-o", silu))
+    ok(run("convert", "timm:resnet18", *SMALL, "--model-kwargs", "act_layer='silu'", "-o", silu))
     result = run("convert", "timm:resnet18", *SMALL, "--like", silu, "-o", tmp_path / "no.safetensors")
     assert result.exit_code == 1, result.output
     assert "loads into the target but computes something else" in result.output
@@ -361,10 +361,13 @@ def test_in_place_activations_break_opacus_hooks_and_ew_mode_trains_resnets(imag
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
-def test_no_inplace_says_when_it_changed_nothing(tmp_path):
-    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    ok(run("convert", "timm:test_resnet", *SMALL, "--no-inplace", "-o", first))
-    result = run("convert", first, "--no-inplace", "-o", second, "--json", tmp_path / "r.json")
+def test_no_inplace_on_a_checkpoint_is_a_change_once_and_nothing_to_do_twice(tmp_path):
+    gn, first, second = tmp_path / "gn.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ok(run("convert", "timm:test_resnet", *SMALL, "-o", gn))
+    result = run("convert", gn, "--no-inplace", "-o", first, "--json", tmp_path / "r.json")
     ok(result)
-    assert json.loads((tmp_path / "r.json").read_text())["inplace_off"] == 0
-    assert "none were on" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["inplace_off"] > 0  # test_resnet's ReLUs are in place
+    assert not any(getattr(m, "inplace", False) for m in load(first).modules())
+    again = run("convert", first, "--no-inplace", "-o", second)
+    assert again.exit_code == 2 and "no batch-norm layer left to convert" in again.output
+    assert not second.exists()
