@@ -57,7 +57,9 @@ from .hooks import capture, eval_mode
 from .layers import frozen_affine_params
 from .metrics import kl_divergence
 from .models import DataConfig
+from .outputs import main_logits
 from .plan import Action, Plan
+from .reach import reached_layers, unreached_note
 
 _T = TypeVar("_T")
 
@@ -327,10 +329,9 @@ def _reconstruct_block(
 def class_scores(output) -> torch.Tensor | None:
     """A model output as rows of class logits: (N, classes) as is, dense (N, classes, H, W) logits
     (segmentation; torchvision's ``{"out": ...}``) one row per position; None for anything else
-    (detector boxes, feature lists)."""
-    if isinstance(output, dict) and isinstance(output.get("out"), torch.Tensor):
-        output = output["out"]
-    if not isinstance(output, torch.Tensor) or output.dim() < 2 or not output.is_floating_point():
+    (detector boxes, feature lists). What counts as logits is :func:`~gnsurgeon.outputs.main_logits`'s."""
+    output = main_logits(output)
+    if output is None or output.dim() < 2:
         return None
     return output if output.dim() == 2 else output.movedim(1, -1).reshape(-1, output.shape[1])
 
