@@ -112,6 +112,7 @@ class CalibrationReport:
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
     broken_images: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # e.g. GN layers the eval forward never runs (skipped)
 
     def to_dict(self) -> dict:
         return {
@@ -124,6 +125,7 @@ class CalibrationReport:
             "layers": self.layers,
             "blocks": self.blocks,
             "broken_images": self.broken_images,
+            "notes": self.notes,
         }
 
 
@@ -525,8 +527,10 @@ def calibrate(
 
     broken = BrokenImages()
     fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
-    order = _execution_order(student, gn_paths, next(iter(fit_data()), None))
+    order, unreached = _execution_order(student, gn_paths, next(iter(fit_data()), None))
     report = CalibrationReport(options.method, n_fit, n_hold)
+    if unreached:  # e.g. GoogLeNet's aux heads: they run in training only, so there is nothing to fit them on
+        report.notes.append(unreached_note(unreached, consequence="not calibrated (γ/β as converted)"))
     report.before = _agreement(student, teacher, eval_data)
     before = _layer_errors(student, teacher, order, eval_data)
     passes = _Passes(student, teacher, fit_data, options, untouchable(plan), device)
@@ -591,10 +595,12 @@ def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callabl
     return tick
 
 
-def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> list[str]:
-    """GN layers sorted by when they run (module registration order can differ from call order)."""
+def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> tuple[list[str], list[str]]:
+    """GN layers sorted by when they run (module registration order can differ from call order), and
+    those the eval forward never runs (:func:`~gnsurgeon.reach.reached_layers`: one rule with export)."""
     if x is None:
         raise GNSurgeonError("no readable image in the calibration folder")
-    # Record nothing but the calls: Capture lists paths in the order they first ran.
-    ran = list(capture(model, x[:1], inputs=paths, transform=lambda *_: None).inputs)
-    return ran + [p for p in paths if p not in ran]
+    order, unreached = reached_layers(model, x[:1], paths)
+    if not order:
+        raise GNSurgeonError(unreached_note(unreached, consequence="nothing to calibrate"))
+    return order, unreached

@@ -33,7 +33,7 @@ Finding and cutting out the GN subgraphs is :mod:`gnsurgeon.onnx_graph`'s; the t
 
 Stage: verification of an ONNX file, after export. It imports torch, numpy, onnx and onnxruntime (the
 last two inside functions, to keep ``import gnsurgeon`` light), :mod:`gnsurgeon.onnx_graph`,
-:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, and the source/data modules that open the model.
+:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.reach`, and the source/data modules that open the model.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from .models import DataConfig
 from .onnx_graph import GNSubgraph, OnnxGraph, extract_subgraph, locate_group_norms, model_input, model_opset
 from .options import NOT_IN_RECIPES
 from .probe import flatten_outputs, make_probe_input
+from .reach import split_reached, unreached_note
 from .sources import SourceOptions, open_source
 from .verdicts import CheckerFailure, LayerMismatch, LayerNotFound, ModelMismatch, VerifyFailure, error_ratio
 
@@ -488,9 +489,9 @@ def _check_layers(model, modules: dict[str, nn.GroupNorm], captured: dict, repor
             report.layers.append(row)
             if not row["ok"]:
                 report.failures.append(_layer_failure(row))
-    unused = [p for p in modules if p not in calls]
-    if unused:
-        report.notes.append(f"{len(unused)} GN module(s) not called on the probe input: {', '.join(unused[:3])}")
+    _, unreached = split_reached(modules, calls)
+    if unreached:  # e.g. GoogLeNet's aux heads: no node in the graph, nothing to verify
+        report.notes.append(unreached_note(unreached, consequence="not in the graph, not checked"))
 
 
 def verify_model(

@@ -228,6 +228,8 @@ def calibration_summary(cal: dict) -> str:
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
+    for note in cal.get("notes", []):
+        text += f"; {note}"
     return text
 
 
