@@ -58,7 +58,8 @@ def googlenet(tmp_path_factory):
     model = randomize_bn(torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=True))
     weights = root / "bn.safetensors"
     save_file(model.state_dict(), str(weights))
-    common = {"num_classes": 3, "input_size": (3, 64, 64), "weights": str(weights), "model_kwargs": {"aux_logits": True}}
+    common = {"num_classes": 3, "input_size": (3, 64, 64), "weights": str(weights)}
+    common["model_kwargs"] = {"aux_logits": True}
     gn = root / "gn.safetensors"
     gnsurgeon.convert_source("torchvision:googlenet", gn, ConvertOptions(**common))
     return {"root": root, "weights": weights, "gn": gn, "common": common, "data": _images(root / "train", 3, 4)}

@@ -5,7 +5,8 @@ image is counted once however many processes run. The model is evaluated in eval
 back in the modes it came in.
 
 Stage: finetune's evaluation. It imports :mod:`gnsurgeon.data`, :mod:`gnsurgeon.hooks`,
-:mod:`gnsurgeon.outputs` and the finetune modules ``models``, ``monitoring``, ``processes``, ``sampling`` and ``settings``.
+:mod:`gnsurgeon.outputs` and the finetune modules ``models``, ``monitoring``, ``processes``,
+``sampling`` and ``settings``.
 """
 
 from __future__ import annotations
