@@ -332,7 +332,7 @@ class Trainer:
             self.info.plan,
             source=self.info.source,
             data_config=self.info.data_config,
-            history=list(self.info.history) + [entry],
+            history=rebase_history(self.info.history, self.files.checkpoint, self.files.output) + [entry],
         )
 
 
