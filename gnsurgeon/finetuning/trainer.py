@@ -69,6 +69,9 @@ def finetune(
     options = options or FinetuneOptions()
     options.validate()
     output = check_output(output, ".safetensors")
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        # Refused, not overwritten: the input is what --resume and --teacher source read again.
+        raise GNSurgeonError(f"-o {output} is the input checkpoint; write the fine-tuned model to another file")
     info = read_checkpoint(checkpoint)
     if info.data_config.task != "classification":
         raise GNSurgeonError(f"checkpoint {checkpoint} is a {info.data_config.task} model; finetune trains classifiers")
