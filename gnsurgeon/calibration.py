@@ -485,7 +485,10 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     are kept apart for the agreement metric (all are used for both when there are too few).
     """
     device = options.torch_device()
-    dataset = ImageFolderData(options.data, eval_transform(data_config), limit=options.samples, seed=options.seed)
+    dataset = ImageFolderData(
+        options.data, eval_transform(data_config), limit=options.samples, seed=options.seed, readable_only=True
+    )
+    broken.add(dataset.unreadable)  # passed over: the counts below are images really used
     n_hold = int(round(len(dataset) * options.holdout)) if len(dataset) > 4 else 0
     shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
     fit_set = Subset(dataset, sorted(shuffled[n_hold:]))

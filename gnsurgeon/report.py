@@ -241,6 +241,11 @@ def finetune_table(report: FinetuneReport) -> Table:
     table.add_column("value")
     steps = f"{report.steps}" + (f" (resumed from {report.resumed_from})" if report.resumed_from is not None else "")
     table.add_row("steps", steps)
+    unreadable = report.broken_images["count"]
+    table.add_row(
+        "data",
+        f"{report.train_images} training images" + (f" ({unreadable} unreadable, skipped)" if unreadable else ""),
+    )
     table.add_row(
         "batch",
         f"{s.batch_size} x {s.grad_accum} accum x {s.world_size} proc = {s.effective_batch} images/step",
