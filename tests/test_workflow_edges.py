@@ -155,7 +155,8 @@ def test_unreadable_images_are_not_counted_as_used(ws, tmp_path):
     for name in ("class0/bad.png", "class2/bad.png"):
         (data / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     # finetune: a whole epoch meets every file; the count used excludes the two unreadable ones
-    report = gnsurgeon.finetune(ws["gn"], tmp_path / "ft.safetensors", FinetuneOptions(data=str(data), epochs=1, **FAST))
+    options = FinetuneOptions(data=str(data), epochs=1, **FAST)
+    report = gnsurgeon.finetune(ws["gn"], tmp_path / "ft.safetensors", options)
     assert report.settings.train_images == 11 and report.broken_images["count"] == 2
     assert report.train_images == 9 and report.to_dict()["train_images"] == 9
     # calibration: the images used are readable ones (topped up to the number asked), counted as such
