@@ -110,6 +110,12 @@ RecipePath = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML rec
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
 
+def _interrupted(how: str) -> None:
+    """Ctrl-C in a long command: exit 130 (128 + SIGINT, as shells expect) saying how to go on."""
+    err_console.print(f"[bold yellow]interrupted[/] — {how}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _fail(exc: GNSurgeonError, json_out: Path | None = None, command: str = "") -> None:
     """Print the one-sentence error and exit (1: a check failed, 2: bad input); with ``--json``, the
     report file says so too: ``{"command", "ok": false, "exit_code", "error"}``."""
@@ -123,10 +129,11 @@ def _fail(exc: GNSurgeonError, json_out: Path | None = None, command: str = "") 
 
 
 @contextlib.contextmanager
-def _reporting(command: str, json_out: Path | None):
+def _reporting(command: str, json_out: Path | None, resume_hint: str | None = None):
     """Run a command's body: ``--json`` is checked before anything else (a typo costs a second, not
     a calibration), and every GNSurgeonError inside becomes one sentence, an exit code and, with
-    ``--json``, a failure report (the same file a success writes, with ``"ok": false``)."""
+    ``--json``, a failure report (the same file a success writes, with ``"ok": false``). With
+    ``resume_hint``, Ctrl-C exits 130 saying how to continue."""
     try:
         checked = check_output(json_out, option="--json") if json_out is not None else None
     except GNSurgeonError as exc:
@@ -135,6 +142,10 @@ def _reporting(command: str, json_out: Path | None):
         yield
     except GNSurgeonError as exc:
         _fail(exc, checked, command)
+    except KeyboardInterrupt:
+        if resume_hint is None:
+            raise
+        _interrupted(resume_hint)
 
 
 def _write_report(json_out: Path | None, data: dict) -> None:
@@ -416,7 +427,9 @@ def finetune_command(
 
     values = dict(locals())
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    with _reporting("finetune", json_out if main_rank else None):
+    # Ctrl-C keeps the training state written last: --resume continues from it (rank 0 says so).
+    hint = "rerun the same command with --resume (it continues from the last training state saved)"
+    with _reporting("finetune", json_out if main_rank else None, hint if main_rank else None):
         if output is None:
             raise GNSurgeonError("an output file is required (-o OUT.safetensors)")
         check_output(output, ".safetensors", option="-o")
@@ -615,7 +628,9 @@ def run_command(
 ) -> None:
     """Run convert (+ calibrate) -> finetune -> export-onnx as RECIPE says; resumes finished stages."""
     values = dict(locals())
-    with _reporting("run", json_out):
+    # Ctrl-C: finished stages are recorded, an interrupted fine-tune keeps its state.
+    hint = "rerun the same command to resume (finished stages are skipped, fine-tuning continues)"
+    with _reporting("run", json_out, hint):
         check_output_dir(output, option="-o")
         source_flags = _source_flags(values)
         from .pipeline import run_recipe

@@ -4,8 +4,9 @@ Each process evaluates its own shard (every ``world``-th image) and the counts a
 image is counted once however many processes run. The model is evaluated in eval mode and handed
 back in the modes it came in.
 
-Stage: finetune's evaluation. It imports :mod:`gnsurgeon.data`, :mod:`gnsurgeon.hooks` and the
-finetune modules ``models``, ``monitoring``, ``processes``, ``sampling`` and ``settings``.
+Stage: finetune's evaluation. It imports :mod:`gnsurgeon.data`, :mod:`gnsurgeon.hooks`,
+:mod:`gnsurgeon.outputs` and the finetune modules ``models``, ``monitoring``, ``processes``,
+``sampling`` and ``settings``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..data import BrokenImages, ImageFolderData
 from ..hooks import eval_mode
+from ..outputs import main_logits
 from .models import Models
 from .monitoring import MetricsLog
 from .processes import Processes, autocast, to_device
@@ -47,8 +49,8 @@ def evaluate(
             images = to_device(images, proc.device, channels_last)
             labels = labels.to(proc.device)
             with autocast(proc.device, amp):
-                pred = model(images).argmax(1)
-                tpred = teacher(images).argmax(1) if teacher is not None else None
+                pred = main_logits(model(images)).argmax(1)
+                tpred = main_logits(teacher(images)).argmax(1) if teacher is not None else None
             has_label = labels >= 0
             counts[0] += len(labels)
             counts[1] += int(has_label.sum())

@@ -7,7 +7,8 @@ has classes; the teacher is opened with convert's SOURCE syntax, or as ``source`
 checkpoint records it was converted from.
 
 Stage: finetune's models. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.conversion` (to
-open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.hooks` and the finetune modules
+open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.outputs` (what counts as logits),
+:mod:`gnsurgeon.provenance` (the recorded teacher weights) and the finetune modules
 ``options``, ``processes`` and ``sampling``.
 """
 
@@ -23,6 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..checkpoint import CheckpointInfo, is_checkpoint, load
 from ..errors import GNSurgeonError
 from ..hooks import eval_mode
+from ..outputs import Logits, describe_output, main_logits, split_logits
+from ..provenance import recorded_weights
 from ..sources import SourceOptions, open_source
 from .options import FinetuneOptions
 from .processes import Processes, autocast
@@ -31,20 +34,25 @@ from .sampling import Folders
 __all__ = ["Models", "all_finite", "converted_from", "num_logits", "open_teacher"]
 
 
-def converted_from(info: CheckpointInfo) -> tuple[str, str | None, bool]:
-    """``teacher: source``: the BN model a checkpoint was converted from, per its own history."""
+def converted_from(info: CheckpointInfo, need_weights: bool = True) -> tuple[str, str | None, bool]:
+    """``teacher: source``: the BN model a checkpoint was converted from, per its own history, and
+    its weights file, found relative to the checkpoint and checked to be a weights file before it is
+    opened (:func:`~gnsurgeon.provenance.recorded_weights`)."""
     entry = next((h for h in info.history if h.get("stage") == "convert"), None)
     if entry is None or not entry.get("source"):
         raise GNSurgeonError(
             f"--teacher source: checkpoint {info.path} records no conversion to take the BN original from; "
             "name the teacher (timm:NAME --teacher-weights FILE)"
         )
+    if not need_weights:  # --teacher-weights given: the recorded weights are not read
+        return entry["source"], None, False
     if not entry.get("weights") and not entry.get("pretrained"):
         raise GNSurgeonError(
             f"--teacher source: checkpoint {info.path} was converted from randomly initialised "
             f"{entry['source']}, which teaches nothing; pass --teacher-weights FILE"
         )
-    return entry["source"], entry.get("weights"), bool(entry.get("pretrained"))
+    weights = str(recorded_weights(entry, info.path, "--teacher source")) if entry.get("weights") else None
+    return entry["source"], weights, bool(entry.get("pretrained"))
 
 
 def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Module, str]:
@@ -56,7 +64,7 @@ def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Mod
     kwargs = dict(info.source.kwargs) if info.source else {}
     source, weights = options.teacher, options.teacher_weights
     if source == "source":
-        source, recorded, pretrained = converted_from(info)
+        source, recorded, pretrained = converted_from(info, need_weights=not weights)
         weights = weights or recorded
         source_options = SourceOptions(weights=weights, pretrained=pretrained and not weights, model_kwargs=kwargs)
     elif is_checkpoint(source):
@@ -79,15 +87,19 @@ def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Mod
 
 @torch.no_grad()
 def num_logits(model: nn.Module, input_size: tuple[int, ...], device: torch.device, what: str) -> int:
-    """Run one zero image in eval mode; the output must be classification logits (N, K)."""
+    """Run one zero image in eval mode; the output must hold classification logits (N, K)
+    (:func:`~gnsurgeon.outputs.main_logits`: a tensor, torchvision's namedtuples, ``{"out": ...}``)."""
     with eval_mode(model):
         try:
             out = model(torch.zeros(1, *input_size, device=device))
         except Exception as exc:
             raise GNSurgeonError(f"{what} fails on a {tuple(input_size)} input: {exc}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise GNSurgeonError(f"{what} does not output classification logits (N, K); finetune trains classifiers")
-    return int(out.shape[1])
+    logits = main_logits(out)
+    if logits is None or logits.dim() != 2:
+        raise GNSurgeonError(
+            f"{what} outputs {describe_output(out)}, not classification logits (N, K); finetune trains classifiers"
+        )
+    return int(logits.shape[1])
 
 
 @torch.no_grad()
@@ -158,12 +170,22 @@ class Models:
         ddp = getattr(self.train_model, "_orig_mod", self.train_model)  # torch.compile wrapper
         return ddp.no_sync()
 
-    def forward(self, images: torch.Tensor, device: torch.device, amp: torch.dtype | None):
-        """Student logits (with gradients) and teacher logits (without, or None), both float32."""
+    def forward(
+        self, images: torch.Tensor, device: torch.device, amp: torch.dtype | None
+    ) -> tuple[Logits, torch.Tensor | None]:
+        """Student logits (with gradients; in train mode GoogLeNet/Inception add their auxiliary
+        heads' logits) and the teacher's main logits (without, or None), all float32."""
         with autocast(device, amp):
-            logits = self.train_model(images)
+            output = self.train_model(images)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(images)
-        return logits.float(), (teacher_logits.float() if teacher_logits is not None else None)
+                    teacher_logits = main_logits(self.teacher(images))
+        logits = split_logits(output)
+        if logits is None:
+            raise GNSurgeonError(
+                f"the model outputs {describe_output(output)} in training mode, not classification logits "
+                "(a tensor, or torchvision's GoogLeNet/Inception outputs)"
+            )
+        student = Logits(logits.main.float(), tuple(a.float() for a in logits.aux))
+        return student, (teacher_logits.float() if teacher_logits is not None else None)

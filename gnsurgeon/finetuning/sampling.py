@@ -61,6 +61,13 @@ def open_folders(options: FinetuneOptions, config: DataConfig) -> Folders:
     train = ImageFolderData(o.data, augment)
     if not train.labeled and not o.teacher:
         raise GNSurgeonError(f"data folder {o.data} has no class sub-folders (no labels): give --teacher to distill")
+    if len(train.classes) == 1:  # CE would teach the model to answer that one class, whatever it sees
+        only = train.classes[0]
+        raise GNSurgeonError(
+            f"data folder {o.data} has one class folder ({only}): cross-entropy on one class teaches nothing but "
+            f"that class; give two or more class folders, or --data {Path(o.data) / only} --teacher ... to "
+            "distill on its images without labels"
+        )
     val = ImageFolderData(o.val, eval_transform(config)) if o.val else None
     val_classes = val.classes if val else []
     if train.labeled and val_classes and val_classes != train.classes:

@@ -11,8 +11,8 @@ The loss is checked once per log window and the weights before every state save:
 the run with :class:`NonFiniteLossError`, the output unwritten and the last good state kept.
 
 Stage: finetune's driver. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.data`,
-:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files`, :mod:`gnsurgeon.metrics` and every other finetune
-module.
+:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.outputs`,
+:mod:`gnsurgeon.provenance` and every other finetune module.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from ..data import BrokenImages
 from ..errors import GNSurgeonError
 from ..files import check_output
 from ..metrics import kl_divergence
+from ..outputs import AUX_WEIGHT
+from ..provenance import rebase_history
 from .evaluation import Validation
 from .models import Models, all_finite
 from .monitoring import MetricsLog, ProgressBar, TrainClock, Window
@@ -67,6 +69,9 @@ def finetune(
     options = options or FinetuneOptions()
     options.validate()
     output = check_output(output, ".safetensors")
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        # Refused, not overwritten: the input is what --resume and --teacher source read again.
+        raise GNSurgeonError(f"-o {output} is the input checkpoint; write the fine-tuned model to another file")
     info = read_checkpoint(checkpoint)
     if info.data_config.task != "classification":
         raise GNSurgeonError(f"checkpoint {checkpoint} is a {info.data_config.task} model; finetune trains classifiers")
@@ -127,6 +132,7 @@ class Trainer:
         self.log = MetricsLog(files.metrics if proc.main else None)
         self.validation = Validation(self.folders.val, proc, options.eval_batch_size, options.workers, self.settings)
         self.broken: dict[str, None] = {}  # this rank's unreadable paths, in order met (an ordered set)
+        self.aux_heads = 0  # auxiliary heads the student's training forward returns (GoogLeNet: 2)
 
     # ------------------------------------------------------------------------------- the run
     def run(self, progress, callback: Callable[[dict], object] | None) -> FinetuneReport:
@@ -154,6 +160,11 @@ class Trainer:
             self._train(start_step, report, bar, callback)
         report.after, _ = self.validation.run(self.models, self.log, "after", self.settings.total_steps)
         report.broken_images = merge_broken(proc, self.broken)
+        if self.aux_heads:
+            report.notes.append(
+                f"the model returns {self.aux_heads} auxiliary head(s) in training mode (GoogLeNet/Inception): "
+                f"each was trained with the same loss, weighted {AUX_WEIGHT:g} (GoogLeNet's weighting)"
+            )
         if proc.main:
             self._save_output(report)
         proc.barrier()
@@ -225,15 +236,23 @@ class Trainer:
         n = int(weight) * len(labels)
         images = to_device(images, device, self.settings.channels_last)
         labels = labels.to(device, non_blocking=True)
-        zero = torch.zeros((), device=device)
         logits, teacher_logits = self.models.forward(images, device, self.settings.amp_dtype)
-        ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if self.settings.labeled else zero
-        kd = zero
-        if teacher_logits is not None:
-            kd = kl_divergence(logits, teacher_logits, o.kd_temperature)
+        ce, kd = self._losses(logits.main, labels, teacher_logits)
         loss = ce + o.kd_weight * kd
+        self.aux_heads = len(logits.aux)
+        for aux in logits.aux:  # GoogLeNet/Inception in train mode: the same loss on each aux head, x 0.3
+            aux_ce, aux_kd = self._losses(aux, labels, teacher_logits)
+            loss = loss + AUX_WEIGHT * (aux_ce + o.kd_weight * aux_kd)
         self.optim.backward(loss * (weight / o.grad_accum))
         return torch.stack([loss.detach(), ce.detach(), kd.detach()]).double() * weight, n
+
+    def _losses(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None):
+        """``(ce, kd)`` of one head's logits: cross-entropy on the labels (0 without), KD from the
+        teacher's logits (0 without a teacher)."""
+        o, zero = self.options, torch.zeros((), device=logits.device)
+        ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if self.settings.labeled else zero
+        kd = kl_divergence(logits, teacher_logits, o.kd_temperature) if teacher_logits is not None else zero
+        return ce, kd
 
     def _flush(
         self, window: Window, done: int, report: FinetuneReport, clock: TrainClock, timer: float, bar: ProgressBar
@@ -316,7 +335,7 @@ class Trainer:
             self.info.plan,
             source=self.info.source,
             data_config=self.info.data_config,
-            history=list(self.info.history) + [entry],
+            history=rebase_history(self.info.history, self.files.checkpoint, self.files.output) + [entry],
         )
 
 
