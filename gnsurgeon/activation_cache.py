@@ -299,12 +299,14 @@ def open_store(choice: CacheChoice, device: torch.device) -> Iterator[Activation
 @dataclass
 class Boundary:
     """What one watched forward showed about one block: whether it ran, whether its input is exactly
-    the previous block's output (then the cache can follow the chain), the bytes per image at its
-    input and output, and why the cache cannot stand in for it ("" when it can)."""
+    the previous block's output (then the cache can follow the chain) or exactly the previous
+    block's input (branches reading one tensor, as in Inception), the bytes per image at its input
+    and output, and why the cache cannot stand in for it ("" when it can)."""
 
     path: str
     calls: int = 0
     follows: bool = False
+    shares: bool = False
     in_bytes: int = 0
     out_bytes: int = 0
     unusable: str = ""
@@ -315,8 +317,7 @@ class _Seen:
     """The raw records of one block's first call during the probe (kept alive, so ids stay unique)."""
 
     call: Call | None = None  # cloned arguments, to replay the block alone
-    raw_args: tuple = ()
-    raw_kwargs: dict = field(default_factory=dict)
+    raw_inputs: tuple = ()  # (the argument leaves, their structure, the tensors' version counters)
     output: Any = None  # cloned output
     raw_output: Any = None
     version: int = -1  # the output tensor's in-place version counter when the block returned it
@@ -329,8 +330,9 @@ def probe_boundaries(model: nn.Module, blocks: list[tuple[str, list[str]]], x: t
     path, its layer paths; in execution order) as a :class:`Boundary`.
 
     A block *follows* when it is called once, with the previous block's output (called once too) as
-    its only argument, the very tensor object, unmodified since (its version counter unchanged). A
-    block is *unusable* for the cache when run alone on its recorded input it does not give its
+    its only argument, the very tensor object, unmodified since (its version counter unchanged); it
+    *shares* the previous block's input when its arguments are the very objects that block received,
+    unmodified since. A block is *unusable* for the cache when run alone on its recorded input it does not give its
     recorded output, or when one of its layers first runs outside the block's first call.
     """
     bounds = [Boundary(path) for path, _ in blocks]
@@ -351,7 +353,8 @@ def probe_boundaries(model: nn.Module, blocks: list[tuple[str, list[str]]], x: t
         bound, rec = bounds[k], seen[k]
         if not bound.calls:
             continue
-        bound.follows = bound.follows and bound.calls == 1 and bounds[k - 1].calls == 1
+        once = bound.calls == 1 and bounds[k - 1].calls == 1
+        bound.follows, bound.shares = bound.follows and once, bound.shares and once and not bound.follows
         bound.in_bytes = _tensor_bytes((rec.call.args, rec.call.kwargs)) // images
         bound.out_bytes = _tensor_bytes(rec.output) // images
         bound.unusable = _outside(layers, layer_event, rec) or _replay_differs(model.get_submodule(path), rec)
@@ -367,15 +370,26 @@ def _on_enter(k: int, bounds: list[Boundary], seen: list[_Seen], clock: Iterator
         if bounds[k].calls > 1:
             return
         rec = seen[k]
-        rec.start, rec.raw_args, rec.raw_kwargs = event, args, kwargs
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+        versions = [t._version if isinstance(t, torch.Tensor) else None for t in leaves]
+        rec.start, rec.raw_inputs = event, (leaves, spec, versions)
         rec.call = Call(detached_clone(tuple(args)), detached_clone(dict(kwargs)))
         if k > 0:
             prev = seen[k - 1]
             only_arg = len(args) == 1 and not tree_flatten(kwargs)[0]
             same = only_arg and prev.raw_output is not None and args[0] is prev.raw_output
             bounds[k].follows = same and isinstance(args[0], torch.Tensor) and args[0]._version == prev.version
+            bounds[k].shares = _same_objects(prev.raw_inputs, rec.raw_inputs)
 
     return hook
+
+
+def _same_objects(before: tuple, now: tuple) -> bool:
+    """Whether two recorded argument lists are the very same objects, tensors unmodified in between."""
+    if not before or before[1] != now[1] or not any(isinstance(t, torch.Tensor) for t in now[0]):
+        return False
+    pairs = zip(before[0], now[0], before[2], now[2], strict=True)
+    return all(a is b and (va is None or va == vb) for a, b, va, vb in pairs)
 
 
 def _on_leave(k: int, bounds: list[Boundary], seen: list[_Seen], clock: Iterator[int]):

@@ -438,13 +438,15 @@ class _CachedBlock:
     """One block's activations from the cache: per batch (fit batches, then held-out ones) the
     arguments the student's and the original's block receive, in ``store``. Layer inputs and targets
     come from running the block alone on them; afterwards :meth:`finish` turns them into the next
-    block's inputs when the next block reads this one's output."""
+    block's inputs when the next block reads this one's output, or hands them on as they are when
+    the next block reads the same input (``keep_inputs``)."""
 
     def __init__(self, store: ActivationStore, student: nn.Module, teacher: nn.Module, block: str, inputs) -> None:
         self.store, self.block = store, block
         self.student, self.teacher = student.get_submodule(block), teacher.get_submodule(block)
         self.s_in, self.t_in, self.n_fit = inputs  # stored (args, kwargs) per batch, or None: not reached
         self.t_out: list | None = None
+        self.keep_inputs = False  # the next block reads the same inputs: do not free them
 
     def _call(self, stored) -> Call | None:
         return None if stored is None else Call(*self.store.get(stored))
@@ -466,16 +468,17 @@ class _CachedBlock:
                 yield xs[0].first, xt[0].first
 
     def prepare_targets(self) -> None:
-        """The original block's outputs (the targets) from its cached inputs, which are then freed:
-        the layer fits that needed them are done."""
+        """The original block's outputs (the targets) from its cached inputs, which are then freed
+        (the layer fits that needed them are done) unless the next block reads them too."""
         if self.t_out is not None:
             return
         self.t_out = []
         for i, t in enumerate(self.t_in):
             out = _run_alone(self.teacher, self._call(t))
             self.t_out.append(None if out is None else self.store.put(out))
-            self.store.drop(t)
-            self.t_in[i] = None
+            if not self.keep_inputs:
+                self.store.drop(t)
+                self.t_in[i] = None
 
     def _batches(self, indices: Iterable[int]) -> Iterator[_BlockBatch | None]:
         self.prepare_targets()
@@ -493,9 +496,13 @@ class _CachedBlock:
         return self._batches(self._held())
 
     def finish(self, next_follows: bool) -> tuple | None:
-        """The next block's cached inputs when it reads this block's output (``next_follows``): the
-        student's through the calibrated block, the original's through the original block. Everything
-        else is freed."""
+        """The next block's cached inputs: this block's own when the next one reads the same
+        (``keep_inputs``); when it reads this block's output (``next_follows``), the student's
+        through the calibrated block, the original's through the original block. Everything else is
+        freed."""
+        if self.keep_inputs:
+            self.store.drop(self.t_out)
+            return self.s_in, self.t_in, self.n_fit
         if not next_follows:
             for stored in (self.s_in, self.t_in, self.t_out):
                 self.store.drop(stored)
@@ -780,13 +787,22 @@ class _Boundaries:
         self.pending: tuple | None = None  # the next block's inputs, when it follows
         self.resynced: list[str] = []
 
-    def enter(self, block: str, follows: bool) -> _CachedBlock:
-        inputs = self.pending if follows and self.pending is not None else self._resync(block)
+    def enter(self, bound: Boundary, next_shares: bool) -> _CachedBlock:
+        """The cached view of block ``bound`` (its inputs handed on or re-synced); ``next_shares``:
+        the next block reads the same inputs, so they are kept."""
+        cached = (bound.follows or bound.shares) and self.pending is not None
+        inputs = self.pending if cached else self._resync(bound.path)
         self.pending = None
-        return _CachedBlock(self.store, self.student, self.teacher, block, inputs)
+        view = _CachedBlock(self.store, self.student, self.teacher, bound.path, inputs)
+        view.keep_inputs = next_shares
+        return view
 
-    def leave(self, view: _CachedBlock, next_follows: bool) -> None:
-        self.pending = view.finish(next_follows)
+    def leave(self, view: _CachedBlock, next_bound: Boundary | None) -> None:
+        """Hand this block's inputs or outputs on to the next block when it reads them."""
+        self.pending = view.finish(next_bound is not None and next_bound.follows)
+        if next_bound is None or not (next_bound.follows or next_bound.shares):
+            self.store.drop(self.pending)
+            self.pending = None
 
     def _resync(self, block: str) -> tuple[list, list, int]:
         self.resynced.append(block)
@@ -862,8 +878,9 @@ class _Passes:
         walk = _Boundaries(store, self.student, self.teacher, self.images) if store is not None else None
         results = []
         for k, (block, paths, bound) in enumerate(reached):
+            after = reached[k + 1][2] if k + 1 < len(reached) else None
             with self.clock.timed("propagation"):
-                source = walk.enter(block, bound.follows) if walk else self._streamed(block)
+                source = walk.enter(bound, after is not None and after.shares) if walk else self._streamed(block)
             for path in paths:
                 gn, bn = self.student.get_submodule(path), self.teacher.get_submodule(path)
                 with self.clock.timed("layer_fit"):
@@ -875,7 +892,7 @@ class _Passes:
                 results.append(_tune(source, self.student, block, self.options, self.protected, tick, self.clock))
             if walk:
                 with self.clock.timed("propagation"):
-                    walk.leave(source, k + 1 < len(reached) and reached[k + 1][2].follows)
+                    walk.leave(source, after)
         return results, walk.resynced if walk else []
 
     def _streamed(self, block: str) -> _Streamed:
