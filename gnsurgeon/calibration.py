@@ -150,7 +150,10 @@ class CalibrationReport:
     broken_images: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # the cache mode, its bytes and why; the re-syncs
     memory: dict = field(default_factory=dict)  # {"peak_rss_mb"} (and "peak_cuda_mb" on CUDA)
-    phases: dict = field(default_factory=dict)  # seconds per phase (probe, layer_fit, block_tuning, ...)
+    # Seconds per phase: probe (the boundary probe), propagation (cache re-syncs, targets, pushing
+    # the cache through each block), layer_fit, block_tuning and end_to_end (optimiser steps),
+    # scoring (each pass's held-out error before and after), metrics (this report's before/after).
+    phases: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -584,7 +587,14 @@ def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Ge
 
 
 def _final_pass(
-    student, teacher, loader_fn, options: CalibrationOptions, protected: set[str], tick=None, held_out=None
+    student,
+    teacher,
+    loader_fn,
+    options: CalibrationOptions,
+    protected: set[str],
+    tick=None,
+    held_out=None,
+    clock: _Clock | None = None,
 ) -> dict:
     """Match the original's class logits end to end (KL, no labels) for a few hundred steps.
 
@@ -600,13 +610,17 @@ def _final_pass(
     """
     name = "(end to end)"
     held_out = held_out or loader_fn
-    before = _logits_divergence(student, teacher, held_out)
+    clock = clock or _Clock(torch.device("cpu"))
+    with clock.timed("scoring"):
+        before = _logits_divergence(student, teacher, held_out)
     if before is None:
         return {"block": name, "steps": 0, "note": "the model does not output class logits"}
     params = _tunable(student, student, protected)
     snapshot = copy.deepcopy(student.state_dict())
-    steps = _match_logits(student, teacher, loader_fn, params, options, tick)
-    after = _logits_divergence(student, teacher, held_out)
+    with clock.timed("end_to_end"):
+        steps = _match_logits(student, teacher, loader_fn, params, options, tick)
+    with clock.timed("scoring"):
+        after = _logits_divergence(student, teacher, held_out)
     result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
     # Never leave the model further from its original than the block fits did.
     return _keep_if_lower(student, snapshot, result, "the logits divergence")
@@ -856,9 +870,8 @@ class _Passes:
                 "unreached_blocks": [b.path for b in bounds if not b.calls],
             }
         if final > 0:
-            with self.clock.timed("end_to_end"):
-                fit, held = self.images.fit, self.images.held
-                results.append(_final_pass(self.student, self.teacher, fit, options, self.protected, tick, held))
+            fit, held = self.images.fit, self.images.held
+            results.append(_final_pass(self.student, self.teacher, fit, options, self.protected, tick, held, self.clock))
         scored_on = "held-out images" if self.images.apart else "the training images (no hold-out)"
         return [r | {"scored_on": scored_on} if r.get("steps") else r for r in results], cache
 
