@@ -871,7 +871,9 @@ class _Passes:
             }
         if final > 0:
             fit, held = self.images.fit, self.images.held
-            results.append(_final_pass(self.student, self.teacher, fit, options, self.protected, tick, held, self.clock))
+            results.append(
+                _final_pass(self.student, self.teacher, fit, options, self.protected, tick, held, self.clock)
+            )
         scored_on = "held-out images" if self.images.apart else "the training images (no hold-out)"
         return [r | {"scored_on": scored_on} if r.get("steps") else r for r in results], cache
 

@@ -137,7 +137,20 @@ def calibration_summary(cal: dict) -> str:
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
-    return text
+    return text + _cache_summary(cal.get("cache") or {})
+
+
+def _cache_summary(cache: dict) -> str:
+    """Where calibration kept its block-boundary activations (see gnsurgeon.activation_cache)."""
+    if not cache:
+        return ""
+    if cache["mode"] == "off":
+        return f"; {cache['reason']}"
+    where = f"{cache['device']} memory" if cache["mode"] == "ram" else "disk"
+    return (
+        f"; cache: {cache['dtype']} in {where}, {cache['bytes_cached'] / 2**20:.0f} MiB, "
+        f"{cache['resyncs']} re-sync(s) from the images"
+    )
 
 
 def run_table(run: dict) -> Table:

@@ -35,6 +35,7 @@ from gnsurgeon.calibration import (
 )
 from gnsurgeon.data import BrokenImages
 from gnsurgeon.errors import GNSurgeonError
+from gnsurgeon.report import calibration_summary
 from gnsurgeon.sources import DataConfig
 
 from .helpers import randomize_bn
@@ -218,9 +219,11 @@ def test_a_small_memory_budget_spills_to_disk_then_streams(images, monkeypatch):
     assert half.cache["bytes_cached"] < in_ram.cache["bytes_cached"]
     _, spilled = calibrate(teacher, student, plan, CONFIG, _options(images, cache_mem=1))
     assert spilled.cache["mode"] == "disk" and "files" in spilled.cache["reason"]
+    assert "cache: float32 in disk" in calibration_summary(spilled.to_dict())
     monkeypatch.setattr(activation_cache, "free_disk_bytes", lambda _folder: 1)
     _, streamed = calibrate(teacher, student, plan, CONFIG, _options(images, cache_mem=1))
     assert streamed.cache["mode"] == "off" and "fit no budget" in streamed.cache["reason"]
+    assert "streaming: " in calibration_summary(streamed.to_dict())
 
 
 def test_a_float16_cache_stays_close_to_float32(images):
