@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import GNSurgeonError
+from .errors import GNSurgeonError, first_line
 from .hooks import Call, detached_clone, registered
 
 try:  # ru_maxrss: Unix only
@@ -421,8 +421,11 @@ def _outside(layers: list[str], layer_event: dict[str, int], rec: _Seen) -> str:
 
 def _replay_differs(module: nn.Module, rec: _Seen) -> str:
     """Why ``module`` run alone on its recorded arguments does not reproduce its recorded output ("" if it does)."""
-    with torch.no_grad():
-        again = module(*detached_clone(rec.call.args), **detached_clone(rec.call.kwargs))
+    try:
+        with torch.no_grad():
+            again = module(*detached_clone(rec.call.args), **detached_clone(rec.call.kwargs))
+    except Exception as exc:  # a block that only works inside its model's forward
+        return f"fails when run alone on its recorded input ({first_line(exc)})"
     want, want_spec = tree_flatten(rec.output)
     got, got_spec = tree_flatten(again)
     if want_spec != got_spec:

@@ -168,12 +168,34 @@ class _Outside(nn.Module):
         return self.blk(self.blk[1](x))
 
 
+class _Scaled(nn.Sequential):
+    """Reads a factor its parent sets only for the length of its own forward."""
+
+    def forward(self, x):
+        return super().forward(x) * self.factor
+
+
+class _SetsFactor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = _Scaled(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
+
+    def forward(self, x):
+        self.blk.factor = 2.0
+        try:
+            return self.blk(x)
+        finally:
+            del self.blk.factor
+
+
 def test_the_probe_refuses_blocks_the_cache_cannot_stand_in_for():
     counting = nn.Sequential(_Counting(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)))
     (bound,) = probe_boundaries(counting, [("0", ["0.1"])], torch.randn(2, 3, 4, 4))
     assert "'0' gives a different output when run alone" in bound.unusable
     (bound,) = probe_boundaries(_Outside(), [("blk", ["blk.1"])], torch.randn(2, 3, 4, 4))
     assert "runs its layer 'blk.1' outside its own forward" in bound.unusable
+    (failing,) = probe_boundaries(_SetsFactor(), [("blk", ["blk.1"])], torch.randn(2, 3, 4, 4))
+    assert "'blk' fails when run alone on its recorded input" in failing.unusable and "factor" in failing.unusable
     choice = choose_cache("auto", 100, [Room("ram", CPU, 10**9)], unusable=bound.unusable)
     assert choice.mode == "off" and "outside its own forward" in choice.reason
 
