@@ -12,10 +12,13 @@ calibration report's seconds per phase give each row; the per-layer errors after
 the parameters, are compared with streaming (equal up to float rounding for float32 caches; the
 float16 row says how far a float16 cache moves them).
 
-The last table extrapolates the whole default calibration (256 images: 205 fitted, 51 held out;
-layer fit, 150 steps per block, 300 end-to-end steps) from the cached float32 run: the layer fit
-and the cache's propagation scale with the images, tuning with the steps, each pass's held-out
-scoring and the report's metrics with the held-out images.
+The mode rows run the layer fit and block tuning only: the end-to-end pass (the same whatever the
+cache) holds a training step of the whole model at batch 2 × 32 (mixup), which would hide each
+mode's memory; it runs in a child of its own (cached layer fit, no block tuning, the end-to-end
+steps). The last table extrapolates the whole default calibration (256 images: 205 fitted, 51 held
+out; layer fit, 150 steps per block, 300 end-to-end steps) from those two runs: the layer fit and
+the cache's propagation scale with the images, tuning with the steps, each pass's held-out scoring
+and the report's metrics with the held-out images.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ MODES = {  # row name -> (CalibrationOptions.cache, cache_mem)
     "fp16": ("ram", 1),  # RAM forced over a 1-byte budget: the float16 cache
     "disk": ("disk", "50%"),
 }
+E2E = "e2e"  # the end-to-end pass alone (after the cached layer fit): its own child, its own peak RSS
 DEFAULT_IMAGES, DEFAULT_FIT, DEFAULT_HELD = 256, 205, 51
 DEFAULT_BLOCK_STEPS, DEFAULT_FINAL_STEPS = 150, 300
 
@@ -68,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
     teacher = _trained_like(timm.create_model(args.model))
     plan = gnsurgeon.make_plan(teacher)
     student = gnsurgeon.apply_plan(teacher, plan)
-    cache, cache_mem = MODES[args.mode]
+    cache, cache_mem = MODES["ram" if args.mode == E2E else args.mode]
     config = DataConfig(input_size=(3, args.size, args.size), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
     options = CalibrationOptions(
         data=args.folder,
@@ -88,9 +92,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _run_child(args: argparse.Namespace, folder: Path, model: str, mode: str) -> dict:
+    steps, final_steps = (0, args.final_steps) if mode == E2E else (args.steps, 0)
     command = [sys.executable, __file__, "--child", model, mode, "--folder", str(folder)]
-    for name in ("images", "steps", "final_steps", "threads", "size"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--steps", str(steps), "--final-steps", str(final_steps)]
+    for name in ("images", "threads", "size"):
+        command += [f"--{name}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"{model} {mode} failed:\n{done.stderr}")
@@ -128,16 +134,18 @@ def _core(r: dict) -> float:
     return sum(ph.get(k, 0.0) for k in ("probe", "layer_fit", "block_tuning", "propagation", "scoring"))
 
 
-def _whole_default(r: dict, steps: int, final_steps: int) -> dict[str, float]:
-    """Seconds of the whole default calibration, extrapolated from a measured run (see the docstring)."""
+def _whole_default(r: dict, e2e: dict, steps: int, final_steps: int) -> dict[str, float]:
+    """Seconds of the whole default calibration, extrapolated from the cached run ``r`` and the
+    end-to-end run ``e2e`` (see the docstring)."""
     ph, n_fit, n_held = r["phases"], r["samples"], max(1, r["holdout"])
-    e2e_step = ph.get("end_to_end", 0.0) / max(1, final_steps)
+    e2e_step = e2e["phases"].get("end_to_end", 0.0) / max(1, final_steps)
+    e2e_scoring = e2e["phases"].get("scoring", 0.0)
     # Held-out scoring happens twice per tuned block and twice for the end-to-end pass.
     return {
         "layer fit": ph.get("layer_fit", 0.0) * DEFAULT_FIT / n_fit,
         "cache propagation and re-syncs": ph.get("propagation", 0.0) * DEFAULT_IMAGES / (n_fit + r["holdout"]),
         "block tuning": ph.get("block_tuning", 0.0) / max(1, steps) * DEFAULT_BLOCK_STEPS,
-        "held-out scoring (keep/undo)": ph.get("scoring", 0.0) * DEFAULT_HELD / n_held,
+        "held-out scoring (keep/undo)": (ph.get("scoring", 0.0) + e2e_scoring) * DEFAULT_HELD / n_held,
         "end to end": e2e_step * DEFAULT_FINAL_STEPS,
         "report metrics and probe": ph.get("metrics", 0.0) * DEFAULT_HELD / n_held + ph.get("probe", 0.0),
     }
@@ -149,7 +157,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--images", type=int, default=40, help="calibration images (20%% held out)")
     parser.add_argument("--steps", type=int, default=2, help="tuning steps timed per block")
-    parser.add_argument("--final-steps", type=int, default=2, help="end-to-end steps timed")
+    parser.add_argument("--final-steps", type=int, default=2, help="end-to-end steps timed (in a child of their own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
@@ -167,15 +175,16 @@ def main() -> None:
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
         results = {(m, mode): _run_child(args, folder, m, mode) for m in args.models for mode in args.modes}
         params = {key: torch.load(Path(tmp) / f"{key[0]}-{key[1]}.pt") for key in results}
-        _print(args, results, params)
+        e2e = {m: _run_child(args, folder, m, E2E) for m in args.models if args.final_steps}
+        _print(args, results, params, e2e)
 
 
-def _print(args: argparse.Namespace, results: dict, params: dict) -> None:
+def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> None:
     first = next(iter(results.values()))
     print(
         f"{args.size}x{args.size}, {first['samples']} fitted + {first['holdout']} held-out random images, "
-        f"batch 32, {args.steps} tuning steps per block, {args.final_steps} end-to-end steps; CPU, "
-        f"{args.threads} threads, torch {torch.__version__}; one child process per row, run one after another\n"
+        f"batch 32, {args.steps} tuning steps per block; CPU, {args.threads} threads, torch {torch.__version__}; "
+        "one child process per row, run one after another\n"
     )
     print(
         "| model | cache | layer fit (s) | block tuning (s) | propagation (s) | keep/undo scoring (s) | total (s) "
@@ -192,18 +201,22 @@ def _print(args: argparse.Namespace, results: dict, params: dict) -> None:
         if (model, "off") in results and (model, "ram") in results:
             ratio = _core(results[(model, "ram")]) / _core(results[(model, "off")])
             print(f"| {model} | {ratio:.3f} |")
+    if not e2e:
+        return
     print(
         f"\nWhole default calibration ({DEFAULT_IMAGES} images, {DEFAULT_BLOCK_STEPS} steps per block, "
-        f"{DEFAULT_FINAL_STEPS} end-to-end steps), extrapolated from the float32 cached run (minutes):\n"
+        f"{DEFAULT_FINAL_STEPS} end-to-end steps), extrapolated from the float32 cached run and "
+        f"{args.final_steps} end-to-end steps at batch 2 × 32 (minutes):\n"
     )
-    parts = list(_whole_default(first, 1, 1))
-    print("| model | " + " | ".join(parts) + " | total |")
-    print("|---|" + "---:|" * (len(parts) + 1))
+    parts = list(_whole_default(first, first, 1, 1))
+    print("| model | " + " | ".join(parts) + " | total | end-to-end peak RSS (MiB) |")
+    print("|---|" + "---:|" * (len(parts) + 2))
     for model in args.models:
-        if (model, "ram") in results:
-            est = _whole_default(results[(model, "ram")], args.steps, args.final_steps)
+        if (model, "ram") in results and model in e2e:
+            est = _whole_default(results[(model, "ram")], e2e[model], args.steps, args.final_steps)
             cells = " | ".join(f"{v / 60:.1f}" for v in est.values())
-            print(f"| {model} | {cells} | {sum(est.values()) / 60:.1f} |")
+            rss = e2e[model]["memory"].get("peak_rss_mb", 0)
+            print(f"| {model} | {cells} | {sum(est.values()) / 60:.1f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":
