@@ -1,7 +1,7 @@
 """Calibration fidelity on real data: BN teacher vs GN (γ/β copy) vs calibrated GN, in one run.
 
     .venv/bin/python benchmarks/fidelity.py [--archs resnet18 mobilenetv3_small_100] [--data bench-data/digits]
-        [--policies G=32 C/G=16] [--threads 2] [--final-lr 1e-3] [--no-augment]
+        [--policies G=32 C/G=16] [--threads 2] [--final-lr 1e-3] [--no-augment] [--cache auto] [--cache-mem 50%]
 
 Teachers are timm BN models trained on scikit-learn's digits (32×32; cached under --data, see
 digits.py). Each is converted at G=32 and at 16 channels per group, then calibrated on 256 training
@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--no-augment", action="store_true", help="end-to-end pass with mixup only (ablation)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it slightly)")
+    parser.add_argument("--cache", default="auto", choices=["auto", "off", "ram", "disk"], help="calibration cache")
+    parser.add_argument(
+        "--cache-mem", default="50%", help="cache memory budget (8G, 50%%; '--cache ram --cache-mem 0': float16)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_dir, val_dir = write_digits(args.data)
@@ -47,7 +51,8 @@ def main() -> None:
     print(
         f"digits 32x32, {len(y_val)} val images; calibration: {args.samples} train images (20% held out for "
         f"the agreement metric), {args.steps} steps/block + {args.final_steps} end-to-end steps at lr "
-        f"{args.final_lr:g}{' (mixup only)' if args.no_augment else ''}; torch {torch.__version__}, CPU, "
+        f"{args.final_lr:g}{' (mixup only)' if args.no_augment else ''}, cache {args.cache} {args.cache_mem}; "
+        f"torch {torch.__version__}, CPU, "
         f"{args.threads} threads\n"
     )
     print(
@@ -78,6 +83,8 @@ def main() -> None:
                     final_steps=args.final_steps,
                     final_lr=args.final_lr,
                     final_augment=not args.no_augment,
+                    cache=args.cache,
+                    cache_mem=int(args.cache_mem) if args.cache_mem.isdigit() else args.cache_mem,
                 )
                 calibrated, _ = calibrate(teacher, student, plan, DIGITS_CONFIG, options)
                 results[method] = (top1(calibrated, x_val, y_val), time.perf_counter() - start)

@@ -20,40 +20,69 @@ hundred images:
    calibration images widened by mixup pairs and shifted/scaled copies (the original labels any
    input), which keeps it from overfitting a few hundred images.
 
-A tuning pass (one block, or the end-to-end pass) is scored before and after on the same data and
-undone when it did not lower the error: calibration never ends worse than the closed-form fit.
+A tuning pass (one block, or the end-to-end pass) is scored before and after on images it did not
+train on (the calibration hold-out) and undone when that error grew: calibration never ends worse
+than the closed-form fit, and a pass that only fits its own training images is not kept.
 
-Passes 1 and 2 hold one batch of one layer's (block's) activations and stop each forward at the
-layer (block) being fitted; pass 3 holds one training step of the model. No pass holds the dataset: batches are
-streamed. Everything is seeded: the same seed gives the same parameters.
+**Cost: cached block boundaries** (GPTQ, AIMET AdaRound, BRECQ). Passes 1 and 2 see the models
+block by block. Streamed, every layer fit and every tuning step would re-run both models from the
+image up to the block (depth² × images × steps). Instead, for each calibration batch the student's
+and the original's inputs at the current block are kept (:mod:`gnsurgeon.activation_cache`): the
+block's layers are fitted and the block tuned by running the block alone on them, then the cached
+inputs are pushed through the calibrated block (and the original's through the original block) to
+become the next block's inputs. That holds only where the next block reads exactly this block's
+output; one watched forward (:func:`~gnsurgeon.activation_cache.probe_boundaries`) finds where, and
+elsewhere (the stem before the first block, pooling and heads between blocks, residual taps, FPNs)
+the block's inputs are re-synchronised from the images with one forward per batch that stops at the
+block. The cache needs images × (a block's input + output) × 2 models; over the memory budget it
+is kept in float16, then in memory-mapped files, and only then is calibration streamed
+(:class:`_Streamed`, which holds one batch of one block). Pass 3 holds one training step of the
+model and streams its images. Everything is seeded: the same seed gives the same parameters,
+cached (float32) or streamed, up to float rounding.
 
-Each tuning step is split in two: getting the activations (:func:`_layer_input` for a layer fit,
-:func:`_block_batch` for a block: the student block's input, the original block's output) and
-fitting on them (:func:`_fit_layer` sums, :func:`_tune_block`), so that a source of cached block
-boundaries can feed the same tuner. Hooks and train/eval switches go through :mod:`gnsurgeon.hooks`.
+Each pass is split in two: where a block's activations come from (:class:`_Streamed`,
+:class:`_CachedBlock`: the student's layer inputs for a fit, the block's inputs and the original
+block's outputs for tuning) and what is done with them (:func:`_fit_layer`, :func:`_tune_block`),
+so the cache cannot change what is computed, only where its inputs come from. Hooks and train/eval
+switches go through :mod:`gnsurgeon.hooks`.
 
-Stage: calibration, after surgery and before fine-tuning. It imports: data, devices, errors, hooks,
-layers, metrics, plan, sources (never surgery, fold or the checks: it gets both models ready-made).
+Stage: calibration, after surgery and before fine-tuning. It imports: activation_cache, data,
+devices, errors, hooks, layers, metrics, plan, sources (never surgery, fold or the checks: it gets
+both models ready-made).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .activation_cache import (
+    CACHE_MODES,
+    ActivationStore,
+    Boundary,
+    CacheChoice,
+    budget_bytes,
+    cache_bytes_needed,
+    cache_rooms,
+    choose_cache,
+    open_store,
+    peak_memory,
+    probe_boundaries,
+)
 from .data import BrokenImages, ImageFolderData, collate_skip_broken, eval_transform
 from .devices import resolve_device
 from .errors import GNSurgeonError
-from .hooks import capture, eval_mode
+from .hooks import Call, capture, eval_mode
 from .layers import frozen_affine_params
 from .metrics import kl_divergence
 from .models import DataConfig
@@ -83,6 +112,12 @@ class CalibrationOptions:
     final_augment: bool = True  # random shifts and scales of the images (the original labels whatever it sees)
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    # Where block-boundary activations are cached: "auto" (memory if it fits, float16, then disk, else
+    # streaming), "ram", "disk" (forced; float16 when over budget) or "off" (streaming: re-run the prefix).
+    cache: str = "auto"
+    # The in-memory budget: bytes (int), a size such as "8G" / "512M", or a share of the free memory
+    # ("50%"): of the GPU's on CUDA, else of the host's RAM.
+    cache_mem: int | str = "50%"
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device, "--calib-device")
@@ -97,6 +132,9 @@ class CalibrationOptions:
         self.torch_device()
         if self.block_steps < 0 or self.final_steps < 0:
             raise GNSurgeonError("--calib-steps and --calib-final-steps must be 0 or more")
+        if self.cache not in CACHE_MODES:
+            raise GNSurgeonError(f"--calib-cache {self.cache!r} is not one of {', '.join(CACHE_MODES)}")
+        budget_bytes(self.cache_mem, 0)  # a malformed size fails here, before any work
 
 
 @dataclass
@@ -113,6 +151,12 @@ class CalibrationReport:
     seconds: float = 0.0
     broken_images: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # e.g. GN layers the eval forward never runs (skipped)
+    cache: dict = field(default_factory=dict)  # the cache mode, its bytes and why; the re-syncs
+    memory: dict = field(default_factory=dict)  # {"peak_rss_mb"} (and "peak_cuda_mb" on CUDA)
+    # Seconds per phase: probe (the boundary probe), propagation (cache re-syncs, targets, pushing
+    # the cache through each block), layer_fit, block_tuning and end_to_end (optimiser steps),
+    # scoring (each pass's held-out error before and after), metrics (this report's before/after).
+    phases: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -126,6 +170,9 @@ class CalibrationReport:
             "blocks": self.blocks,
             "broken_images": self.broken_images,
             "notes": self.notes,
+            "cache": self.cache,
+            "memory": self.memory,
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
         }
 
 
@@ -134,11 +181,6 @@ def _batches(loader: DataLoader, broken: BrokenImages, device: torch.device):
         broken.add(bad)
         if images is not None:
             yield images.to(device)
-
-
-def _layer_input(model: nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
-    """The input (first positional arg, cloned) of the module at ``path``; the forward stops there."""
-    return capture(model, x, inputs=[path], stop_at=path).input(path)
 
 
 def _gn_pre_activation(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -156,15 +198,13 @@ def _channels_last_flat(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1).double()
 
 
-def _fit_layer(student, teacher, path: str, loader_fn, device) -> None:
-    """Closed-form per-channel least squares for GN layer ``path`` (γ, β set in place)."""
-    gn = student.get_submodule(path)
-    bn = teacher.get_submodule(path)
+def _fit_layer(gn: nn.Module, bn: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], device) -> None:
+    """Closed-form per-channel least squares for the GN layer ``gn`` (γ, β set in place) from
+    ``pairs``: per batch, the input the student's layer receives and the one its BN original
+    receives. A layer that received nothing is left as it is."""
     c = gn.num_channels
     sums = {k: torch.zeros(c, dtype=torch.float64, device=device) for k in ("z", "y", "zz", "zy", "n")}
-    for x in loader_fn():
-        xs = _layer_input(student, path, x)
-        xt = _layer_input(teacher, path, x)
+    for xs, xt in pairs:
         z = _channels_last_flat(F.group_norm(xs, gn.num_groups, None, None, gn.eps))
         y = _channels_last_flat(_bn_pre_activation(bn, xt))
         sums["z"] += z.sum(1)
@@ -173,6 +213,8 @@ def _fit_layer(student, teacher, path: str, loader_fn, device) -> None:
         sums["zy"] += (z * y).sum(1)
         sums["n"] += z.shape[1]
     n = sums["n"]
+    if not n.any():
+        return
     mean_z, mean_y = sums["z"] / n, sums["y"] / n
     var_z = sums["zz"] / n - mean_z**2
     cov = sums["zy"] / n - mean_z * mean_y
@@ -266,35 +308,53 @@ def _keep_if_lower(module: nn.Module, snapshot: dict, result: dict, what: str) -
     return result
 
 
-def _tune_block(
-    block: str,
-    module: nn.Module,
+@dataclass
+class _Clock:
+    """Seconds spent per phase of one calibration (the report's ``phases``: where the time went)."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":  # once per phase, never per step: kernels are asynchronous
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _mean_block_loss(module: nn.Module, batches: Callable[[], Iterable[_BlockBatch | None]]) -> float | None:
+    """The block's relative error averaged over one pass of ``batches()`` (weighted by images):
+    None when a batch has no tensor output to compare, NaN when there is no batch."""
+    total, count = None, 0
+    with torch.no_grad():
+        for batch in batches():
+            if batch is None:
+                return None
+            n = len(batch.target)
+            loss = _block_loss(module, batch) * n
+            total = loss if total is None else total + loss
+            count += n
+    return math.nan if total is None else (total / count).item()  # one host read per score, not per batch
+
+
+def _train_block(
     params: list[nn.Parameter],
+    module: nn.Module,
     batches: Callable[[], Iterable[_BlockBatch | None]],
     options: CalibrationOptions,
-    tick: Callable[[], None] | None = None,
-) -> dict:
-    """Tune ``params`` (Adam, cosine-decayed, ``options.block_steps`` steps) so that ``module`` maps
-    each batch's input to its target; ``batches()`` is one pass over the data, repeated as needed.
-
-    The first batch scores the block before and after; a tuning that did not lower that score is
-    undone, so a block never ends worse than the closed-form fit left it.
-    """
-    if options.block_steps <= 0:
-        return {"block": block, "steps": 0}
+    tick: Callable[[], None] | None,
+) -> int:
+    """``options.block_steps`` Adam steps (cosine-decayed) on ``batches()``, cycled; the steps taken."""
     opt = torch.optim.Adam(params, lr=options.block_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.block_steps))
-    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    check: _BlockBatch | None = None  # the first batch: the same data scores the block before and after
-    before = math.nan
     step = 0
     for batch in _cycle(batches):
         if batch is None:
-            return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
-        if check is None:
-            check = batch
-            with torch.no_grad():
-                before = _block_loss(module, check).item()
+            break
         for _ in range(min(options.block_inner_steps, options.block_steps - step)):
             _optimizer_step(opt, schedule, _block_loss(module, batch))
             if tick:
@@ -302,30 +362,189 @@ def _tune_block(
             step += 1
         if step >= options.block_steps:
             break
-    if check is None:  # no readable batch
+    return step
+
+
+def _tune_block(
+    block: str,
+    module: nn.Module,
+    params: list[nn.Parameter],
+    batches: Callable[[], Iterable[_BlockBatch | None]],
+    options: CalibrationOptions,
+    tick: Callable[[], None] | None = None,
+    held_out: Callable[[], Iterable[_BlockBatch | None]] | None = None,
+    clock: _Clock | None = None,
+) -> dict:
+    """Tune ``params`` (Adam, cosine-decayed, ``options.block_steps`` steps) so that ``module`` maps
+    each batch's input to its target; ``batches()`` is one pass over the data, repeated as needed.
+
+    ``held_out()`` (default: ``batches()``) scores the block before and after, on images the steps
+    did not train on; a tuning that raised that error is undone, so a block never ends worse than
+    the closed-form fit left it, and overfitting the training batches does not count as a gain.
+    """
+    if options.block_steps <= 0:
         return {"block": block, "steps": 0}
-    with torch.no_grad():
-        after = _block_loss(module, check).item()
-    result = {"block": block, "steps": step, "loss_first": before, "loss_last": after}
+    clock = clock or _Clock(torch.device("cpu"))
+    scored = held_out or batches
+    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    with clock.timed("scoring"):
+        before = _mean_block_loss(module, scored)
+    if before is None:
+        return {"block": block, "steps": 0, "note": "block input/output is not a tensor"}
+    if math.isnan(before):  # no readable batch
+        return {"block": block, "steps": 0}
+    with clock.timed("block_tuning"):
+        steps = _train_block(params, module, batches, options, tick)
+    with clock.timed("scoring"):
+        after = _mean_block_loss(module, scored)
+    result = {"block": block, "steps": steps, "loss_first": before, "loss_last": after}
     return _keep_if_lower(module, snapshot, result, "the block's error")
 
 
-def _reconstruct_block(
-    student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str], tick=None
-) -> dict:
-    """Tune the block's own parameters so its output matches the original block's output."""
+class _Streamed:
+    """One block's activations computed from the images (no cache): every use runs both models from
+    the image and stops at the layer or block, so memory is one batch of one block, and the cost a
+    prefix forward per batch, per layer fit and per tuning step."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, block: str, fit_data, held_data=None) -> None:
+        self.student, self.teacher, self.block = student, teacher, block
+        self.fit_data, self.held_data = fit_data, held_data or fit_data
+
+    def layer_pairs(self, path: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per fit batch: the input of the student's layer ``path`` and of the original's."""
+        for x in self.fit_data():
+            xs = capture(self.student, x, inputs=[path], stop_at=path).inputs.get(path)
+            xt = capture(self.teacher, x, inputs=[path], stop_at=path).inputs.get(path)
+            if xs and xt:
+                yield xs[0].first, xt[0].first
+
+    def prepare_targets(self) -> None:
+        """Nothing to prepare: targets are computed per batch."""
+
+    def fit_batches(self) -> Iterator[_BlockBatch | None]:
+        return (_block_batch(self.student, self.teacher, self.block, x) for x in self.fit_data())
+
+    def held_batches(self) -> Iterator[_BlockBatch | None]:
+        return (_block_batch(self.student, self.teacher, self.block, x) for x in self.held_data())
+
+
+def _relative(path: str, block: str) -> str:
+    """``path`` inside the module at ``block`` ("" for the block itself)."""
+    return "" if path == block else path[len(block) + 1 :]
+
+
+def _run_alone(module: nn.Module, call: Call | None) -> Any:
+    """``module`` run alone on the arguments of ``call`` (no autograd); None when there is no call."""
+    if call is None:
+        return None
+    with torch.no_grad():
+        return module(*call.args, **call.kwargs)
+
+
+class _CachedBlock:
+    """One block's activations from the cache: per batch (fit batches, then held-out ones) the
+    arguments the student's and the original's block receive, in ``store``. Layer inputs and targets
+    come from running the block alone on them; afterwards :meth:`finish` turns them into the next
+    block's inputs when the next block reads this one's output, or hands them on as they are when
+    the next block reads the same input (``keep_inputs``)."""
+
+    def __init__(self, store: ActivationStore, student: nn.Module, teacher: nn.Module, block: str, inputs) -> None:
+        self.store, self.block = store, block
+        self.student, self.teacher = student.get_submodule(block), teacher.get_submodule(block)
+        self.s_in, self.t_in, self.n_fit = inputs  # stored (args, kwargs) per batch, or None: not reached
+        self.t_out: list | None = None
+        self.keep_inputs = False  # the next block reads the same inputs: do not free them
+
+    def _call(self, stored) -> Call | None:
+        return None if stored is None else Call(*self.store.get(stored))
+
+    def _held(self) -> range:
+        total = len(self.s_in)
+        return range(self.n_fit, total) if total > self.n_fit else range(self.n_fit)
+
+    def layer_pairs(self, path: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per fit batch: the input of the student's layer ``path`` and of the original's, from the
+        block alone run on the cached inputs (it stops at the layer)."""
+        rel = _relative(path, self.block)
+        for s, t in zip(self.s_in[: self.n_fit], self.t_in[: self.n_fit], strict=True):
+            if s is None or t is None:
+                continue
+            xs = capture(self.student, self._call(s), inputs=[rel], stop_at=rel).inputs.get(rel)
+            xt = capture(self.teacher, self._call(t), inputs=[rel], stop_at=rel).inputs.get(rel)
+            if xs and xt:
+                yield xs[0].first, xt[0].first
+
+    def prepare_targets(self) -> None:
+        """The original block's outputs (the targets) from its cached inputs, which are then freed
+        (the layer fits that needed them are done) unless the next block reads them too."""
+        if self.t_out is not None:
+            return
+        self.t_out = []
+        for i, t in enumerate(self.t_in):
+            out = _run_alone(self.teacher, self._call(t))
+            self.t_out.append(None if out is None else self.store.put(out))
+            if not self.keep_inputs:
+                self.store.drop(t)
+                self.t_in[i] = None
+
+    def _batches(self, indices: Iterable[int]) -> Iterator[_BlockBatch | None]:
+        self.prepare_targets()
+        for i in indices:
+            call, target = self._call(self.s_in[i]), self.store.get(self.t_out[i], copy=False)
+            if call is None or not isinstance(target, torch.Tensor):
+                yield None
+            else:
+                yield _BlockBatch(call.args, call.kwargs, target, target.var().clamp_min(1e-12))
+
+    def fit_batches(self) -> Iterator[_BlockBatch | None]:
+        return self._batches(range(self.n_fit))
+
+    def held_batches(self) -> Iterator[_BlockBatch | None]:
+        return self._batches(self._held())
+
+    def finish(self, next_follows: bool) -> tuple | None:
+        """The next block's cached inputs: this block's own when the next one reads the same
+        (``keep_inputs``); when it reads this block's output (``next_follows``), the student's
+        through the calibrated block, the original's through the original block. Everything else is
+        freed."""
+        if self.keep_inputs:
+            self.store.drop(self.t_out)
+            return self.s_in, self.t_in, self.n_fit
+        if not next_follows:
+            for stored in (self.s_in, self.t_in, self.t_out):
+                self.store.drop(stored)
+            return None
+        self.prepare_targets()
+        s_out = []
+        for i, s in enumerate(self.s_in):
+            out = _run_alone(self.student, self._call(s))
+            s_out.append(None if out is None else self.store.put(((out,), {})))
+            self.store.drop(s)
+            self.s_in[i] = None
+        t_out = [None if t is None else ((t,), {}) for t in self.t_out]
+        return s_out, t_out, self.n_fit
+
+
+def _tune(source, student: nn.Module, block: str, options: CalibrationOptions, protected: set[str], tick, clock):
+    """Tune the block's own parameters on ``source`` (:class:`_Streamed` or :class:`_CachedBlock`) so
+    its output matches the original block's; scored on the source's held-out batches."""
     module = student.get_submodule(block)
     # Everything trainable in the block (GN γ/β and the convs around them: tuning only γ/β got
     # 97.3% instead of 98.7% top-1 on the digits resnet18), except what the plan protects.
     params = _tunable(module, student, protected)
     if not params:
         return {"block": block, "steps": 0}
-
-    def batches() -> Iterator[_BlockBatch | None]:
-        return (_block_batch(student, teacher, block, x) for x in loader_fn())
-
     with eval_mode(module):
-        return _tune_block(block, module, params, batches, options, tick)
+        return _tune_block(block, module, params, source.fit_batches, options, tick, source.held_batches, clock)
+
+
+def _reconstruct_block(
+    student, teacher, block: str, loader_fn, options: CalibrationOptions, protected: set[str], tick=None, held_out=None
+) -> dict:
+    """Tune the block's own parameters so its output matches the original block's output, streamed
+    from ``loader_fn`` (scored on ``held_out``, default the same images)."""
+    source = _Streamed(student, teacher, block, loader_fn, held_out)
+    return _tune(source, student, block, options, protected, tick, None)
 
 
 def class_scores(output) -> torch.Tensor | None:
@@ -370,7 +589,16 @@ def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Ge
     return x
 
 
-def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protected: set[str], tick=None) -> dict:
+def _final_pass(
+    student,
+    teacher,
+    loader_fn,
+    options: CalibrationOptions,
+    protected: set[str],
+    tick=None,
+    held_out=None,
+    clock: _Clock | None = None,
+) -> dict:
     """Match the original's class logits end to end (KL, no labels) for a few hundred steps.
 
     Classifiers match their (N, classes) logits, segmentation models their per-pixel logits;
@@ -379,18 +607,23 @@ def _final_pass(student, teacher, loader_fn, options: CalibrationOptions, protec
     Block-local fits cannot undo what GN removes where groups see a handful of values (1×1 and 2×2
     maps late in small-input MobileNets); layers downstream have to compensate. Each batch is
     widened by :func:`_distinct_inputs` (seeded), without which the pass overfits the few hundred
-    calibration images. The divergence over the calibration images
-    is measured before and after; a pass that did not lower it is undone. Memory: one training step
-    of the model.
+    calibration images. The divergence on ``held_out()`` (images the pass does not train on; default
+    the training images) is measured before and after; a pass that did not lower it is undone.
+    Memory: one training step of the model.
     """
     name = "(end to end)"
-    before = _logits_divergence(student, teacher, loader_fn)
+    held_out = held_out or loader_fn
+    clock = clock or _Clock(torch.device("cpu"))
+    with clock.timed("scoring"):
+        before = _logits_divergence(student, teacher, held_out)
     if before is None:
         return {"block": name, "steps": 0, "note": "the model does not output class logits"}
     params = _tunable(student, student, protected)
     snapshot = copy.deepcopy(student.state_dict())
-    steps = _match_logits(student, teacher, loader_fn, params, options, tick)
-    after = _logits_divergence(student, teacher, loader_fn)
+    with clock.timed("end_to_end"):
+        steps = _match_logits(student, teacher, loader_fn, params, options, tick)
+    with clock.timed("scoring"):
+        after = _logits_divergence(student, teacher, held_out)
     result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
     # Never leave the model further from its original than the block fits did.
     return _keep_if_lower(student, snapshot, result, "the logits divergence")
@@ -530,22 +763,82 @@ def calibrate(
 
     broken = BrokenImages()
     fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
-    order, unreached = _execution_order(student, gn_paths, next(iter(fit_data()), None))
+    first = next(iter(fit_data()), None)
+    order, unreached = _execution_order(student, gn_paths, first)
+    clock = _Clock(device)
     report = CalibrationReport(options.method, n_fit, n_hold)
     if unreached:  # e.g. GoogLeNet's aux heads: they run in training only, so there is nothing to fit them on
         report.notes.append(unreached_note(unreached, consequence="not calibrated (γ/β as converted)"))
-    report.before = _agreement(student, teacher, eval_data)
-    before = _layer_errors(student, teacher, order, eval_data)
-    passes = _Passes(student, teacher, fit_data, options, untouchable(plan), device)
-    report.blocks = passes.run(order, progress)
-    after = _layer_errors(student, teacher, order, eval_data)
+    with clock.timed("metrics"):
+        report.before = _agreement(student, teacher, eval_data)
+        before = _layer_errors(student, teacher, order, eval_data)
+    images = _Images(fit_data, eval_data, n_hold > 0, n_fit + n_hold)
+    passes = _Passes(student, teacher, images, options, untouchable(plan), device, clock)
+    report.blocks, report.cache = passes.run(order, first[:2], progress)
+    with clock.timed("metrics"):
+        after = _layer_errors(student, teacher, order, eval_data)
+        report.after = _agreement(student, teacher, eval_data)
     report.layers = {p: {"before": before[p], "after": after[p]} for p in order}
-    report.after = _agreement(student, teacher, eval_data)
     report.broken_images = broken.to_dict()
+    report.memory = peak_memory(device)
+    report.phases = clock.seconds
     report.seconds = time.perf_counter() - start
     for p in student.parameters():
         p.grad = None
     return student.cpu(), report
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The calibration images as two seeded, re-iterable streams: the images the passes fit on, and
+    the images that score each tuning pass (the hold-out; the fit images when there is none)."""
+
+    fit: Callable[[], Iterable[torch.Tensor]]
+    held: Callable[[], Iterable[torch.Tensor]]
+    apart: bool  # the held-out images are not fit images
+    count: int  # images in both streams, each counted once
+
+
+class _Boundaries:
+    """The cache's walk through the blocks: a block's inputs are the previous block's outputs where
+    the probe saw the chain, else they are re-synchronised from the images (one forward per batch of
+    each model, stopping at the block); ``resynced`` lists the blocks where that happened."""
+
+    def __init__(self, store: ActivationStore, student: nn.Module, teacher: nn.Module, images: _Images) -> None:
+        self.store, self.student, self.teacher, self.images = store, student, teacher, images
+        self.pending: tuple | None = None  # the next block's inputs, when it follows
+        self.resynced: list[str] = []
+
+    def enter(self, bound: Boundary, next_shares: bool) -> _CachedBlock:
+        """The cached view of block ``bound`` (its inputs handed on or re-synced); ``next_shares``:
+        the next block reads the same inputs, so they are kept."""
+        cached = (bound.follows or bound.shares) and self.pending is not None
+        inputs = self.pending if cached else self._resync(bound.path)
+        self.pending = None
+        view = _CachedBlock(self.store, self.student, self.teacher, bound.path, inputs)
+        view.keep_inputs = next_shares
+        return view
+
+    def leave(self, view: _CachedBlock, next_bound: Boundary | None) -> None:
+        """Hand this block's inputs or outputs on to the next block when it reads them."""
+        self.pending = view.finish(next_bound is not None and next_bound.follows)
+        if next_bound is None or not (next_bound.follows or next_bound.shares):
+            self.store.drop(self.pending)
+            self.pending = None
+
+    def _resync(self, block: str) -> tuple[list, list, int]:
+        self.resynced.append(block)
+        s_in, t_in, n_fit = [], [], 0
+        for held, stream in enumerate([self.images.fit] + ([self.images.held] if self.images.apart else [])):
+            for x in stream():
+                s_in.append(self._input(self.student, block, x))
+                t_in.append(self._input(self.teacher, block, x))
+                n_fit += not held
+        return s_in, t_in, n_fit
+
+    def _input(self, model: nn.Module, block: str, x: torch.Tensor):
+        calls = capture(model, x, inputs=[block], stop_at=block).inputs.get(block)
+        return self.store.put((calls[0].args, calls[0].kwargs)) if calls else None
 
 
 @dataclass
@@ -554,35 +847,79 @@ class _Passes:
 
     student: nn.Module
     teacher: nn.Module
-    fit_data: Callable[[], Iterable[torch.Tensor]]
+    images: _Images
     options: CalibrationOptions
     protected: set[str]  # paths whose parameters no pass tunes (see :func:`untouchable`)
     device: torch.device
+    clock: _Clock
 
-    def run(self, order: list[str], progress: Callable[[int, int], None] | None) -> list[dict]:
-        """Fit every GN layer at ``order`` (execution order); with the block method, tune each block
-        after its layers are fitted, then the whole student. Returns one result per tuning pass."""
+    def run(
+        self, order: list[str], probe: torch.Tensor, progress: Callable[[int, int], None] | None
+    ) -> tuple[list[dict], dict]:
+        """Fit every GN layer at ``order`` (execution order), block by block; with the block method,
+        tune each block after its layers are fitted, then the whole student. ``probe``: a batch or
+        two of images for :func:`probe_boundaries`. Returns one result per tuning pass, and what the
+        cache did (for the report)."""
         options = self.options
-        if options.method == "layer":
-            blocks = [(path, [path]) for path in order]  # each layer its own block: nothing to tune
-            total = len(order)
-        else:
-            blocks = calibration_blocks(self.student, order, options.max_block_layers)
-            tuned = sum(block not in paths for block, paths in blocks)
-            total = len(order) + options.block_steps * tuned + options.final_steps
-        tick = _counter(total, progress)
+        blocks = calibration_blocks(self.student, order, options.max_block_layers)
+        with self.clock.timed("probe"):
+            bounds = probe_boundaries(self.student, blocks, probe)
+        reached = [(b, paths, bound) for (b, paths), bound in zip(blocks, bounds, strict=True) if bound.calls]
+        final = options.final_steps if options.method == "block" else 0
+        tuned = sum(block not in paths for block, paths, _ in reached) if self._tuning() else 0
+        tick = _counter(sum(len(p) for _, p, _ in reached) + options.block_steps * tuned + final, progress)
+        choice = self._choose(bounds)
+        with open_store(choice, self.device) as store:
+            results, resynced = self._blocks(reached, store, tick)
+            cache = choice.to_dict() | {
+                "bytes_cached": store.peak if store is not None else 0,
+                "resyncs": len(resynced),
+                "resynced_blocks": resynced,
+                "unreached_blocks": [b.path for b in bounds if not b.calls],
+            }
+        if final > 0:
+            fit, held = self.images.fit, self.images.held
+            results.append(
+                _final_pass(self.student, self.teacher, fit, options, self.protected, tick, held, self.clock)
+            )
+        scored_on = "held-out images" if self.images.apart else "the training images (no hold-out)"
+        return [r | {"scored_on": scored_on} if r.get("steps") else r for r in results], cache
+
+    def _tuning(self) -> bool:
+        return self.options.method == "block" and self.options.block_steps > 0
+
+    def _choose(self, bounds: list[Boundary]) -> CacheChoice:
+        """Where the cache goes: from the bytes the probe measured, the budgets, and ``options.cache``."""
+        unusable = next((b.unusable for b in bounds if b.unusable), "")
+        needed = cache_bytes_needed(bounds, self.images.count)
+        rooms = [] if self.options.cache == "off" else cache_rooms(self.options.cache_mem, self.device)
+        return choose_cache(self.options.cache, needed, rooms, unusable)
+
+    def _blocks(self, reached: list[tuple[str, list[str], Boundary]], store: ActivationStore | None, tick):
+        """Per block: fit its layers, then tune it (block method). Activations come from the cache when
+        there is a ``store``, else they are streamed. Returns the tuning results and the re-synced blocks."""
+        walk = _Boundaries(store, self.student, self.teacher, self.images) if store is not None else None
         results = []
-        for block, paths in blocks:
+        for k, (block, paths, bound) in enumerate(reached):
+            after = reached[k + 1][2] if k + 1 < len(reached) else None
+            with self.clock.timed("propagation"):
+                source = walk.enter(bound, after is not None and after.shares) if walk else self._streamed(block)
             for path in paths:
-                _fit_layer(self.student, self.teacher, path, self.fit_data, self.device)
+                gn, bn = self.student.get_submodule(path), self.teacher.get_submodule(path)
+                with self.clock.timed("layer_fit"):
+                    _fit_layer(gn, bn, source.layer_pairs(path), self.device)
                 tick()
-            if block not in paths and options.block_steps > 0:
-                results.append(
-                    _reconstruct_block(self.student, self.teacher, block, self.fit_data, options, self.protected, tick)
-                )
-        if options.method == "block" and options.final_steps > 0:
-            results.append(_final_pass(self.student, self.teacher, self.fit_data, options, self.protected, tick))
-        return results
+            if self._tuning() and block not in paths:
+                with self.clock.timed("propagation"):
+                    source.prepare_targets()
+                results.append(_tune(source, self.student, block, self.options, self.protected, tick, self.clock))
+            if walk:
+                with self.clock.timed("propagation"):
+                    walk.leave(source, after)
+        return results, walk.resynced if walk else []
+
+    def _streamed(self, block: str) -> _Streamed:
+        return _Streamed(self.student, self.teacher, block, self.images.fit, self.images.held)
 
 
 def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None]:

@@ -86,6 +86,13 @@ CalibFinalSteps = Annotated[
 CalibDevice = Annotated[
     str | None, typer.Option("--calib-device", help="Where to calibrate: auto (CUDA when present), cpu, cuda:N.")
 ]
+CalibCache = Annotated[
+    str | None,
+    typer.Option("--calib-cache", help="Block activations: auto (RAM, float16, disk, else stream), off, ram, disk."),
+]
+CalibCacheMem = Annotated[
+    str | None, typer.Option("--calib-cache-mem", help="Cache budget: a size (8G) or share of free memory (50%).")
+]
 BnFree = Annotated[
     bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
 ]
@@ -250,6 +257,8 @@ def convert(
     calib_steps: CalibSteps = None,
     calib_final_steps: CalibFinalSteps = None,
     calib_device: CalibDevice = None,
+    calib_cache: CalibCache = None,
+    calib_cache_mem: CalibCacheMem = None,
     bn_free: BnFree = None,
     like: Like = None,
     no_inplace: NoInplace = None,

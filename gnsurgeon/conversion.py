@@ -57,6 +57,8 @@ class ConvertOptions(SourceOptions):
     calib_final_steps: int = 300
     calib_batch_size: int = 32
     calib_device: str = "auto"
+    calib_cache: str = "auto"  # where calibration keeps block-boundary activations (auto, off, ram, disk)
+    calib_cache_mem: str = "50%"  # its memory budget: a size (8G) or a share of the free memory
     bn_free: bool = False
     like: str | None = None  # take each layer's G and eps from this GN architecture (targets.plan_like)
     no_inplace: bool = False  # in-place activations off, recorded in the plan (opacus, surgery.disable_inplace)
@@ -84,6 +86,8 @@ class ConvertOptions(SourceOptions):
             block_steps=self.calib_steps,
             final_steps=self.calib_final_steps,
             device=self.calib_device,
+            cache=self.calib_cache,
+            cache_mem=self.calib_cache_mem,
             seed=self.seed,
         )
 

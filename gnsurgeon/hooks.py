@@ -132,7 +132,10 @@ def capture(
     of the model costs nothing. ``transform(path, module, first_arg)``, when given, is recorded
     instead of the input's clone (e.g. a normalised, subsampled view, to keep memory small).
     ``grad``: ``no_grad`` (default), ``inference`` or ``grad`` (keeps the autograd graph: nothing is
-    detached then). ``x`` is the model's one positional argument (a tensor, or a detector's list).
+    detached then). ``x`` is the model's one positional argument (a tensor, or a detector's list),
+    or a :class:`Call` to run ``model(*x.args, **x.kwargs)``: one block of a model replayed on the
+    arguments it was seen to receive (calibration's cached block boundaries); ``""`` is then a path
+    too, the block itself.
     """
     inputs, outputs = list(inputs), list(outputs)
     if stop_at is not None and stop_at not in inputs and stop_at not in outputs:
@@ -165,7 +168,7 @@ def capture(
     result, stopped = None, False
     with registered(handles), _GRAD_MODES[grad]():
         try:
-            result = model(x)
+            result = model(*x.args, **x.kwargs) if isinstance(x, Call) else model(x)
         except StopForward:
             stopped = True
     return Capture(dict(seen_in), dict(seen_out), result, stopped)

@@ -233,7 +233,20 @@ def calibration_summary(cal: dict) -> str:
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
     for note in cal.get("notes", []):
         text += f"; {note}"
-    return text
+    return text + _cache_summary(cal.get("cache") or {})
+
+
+def _cache_summary(cache: dict) -> str:
+    """Where calibration kept its block-boundary activations (see gnsurgeon.activation_cache)."""
+    if not cache:
+        return ""
+    if cache["mode"] == "off":
+        return f"; {cache['reason']}"
+    where = f"{cache['device']} memory" if cache["mode"] == "ram" else "disk"
+    return (
+        f"; cache: {cache['dtype']} in {where}, {cache['bytes_cached'] / 2**20:.0f} MiB, "
+        f"{cache['resyncs']} re-sync(s) from the images"
+    )
 
 
 def finetune_table(report: FinetuneReport) -> Table:

@@ -316,3 +316,13 @@ def test_recipe_that_calibrates_needs_images():
         run("convert", "timm:test_resnet", "--recipe", recipe, "--dry-run"),
         "calibrates (calibrate: true): give the images with --calibrate DIR",
     )
+
+
+def test_calib_cache_flags_reach_calibration_and_bad_values_are_one_sentence(tmp_path):
+    """--calib-cache / --calib-cache-mem are checked before any model is built, naming the flag."""
+    out = tmp_path / "m.safetensors"
+    bad_mode = run("convert", "timm:test_resnet", *SMALL, "--calibrate", tmp_path, "--calib-cache", "tape", "-o", out)
+    assert_bad_input(bad_mode, "--calib-cache 'tape'")
+    bad_size = run("convert", "timm:test_resnet", *SMALL, "--calibrate", tmp_path, "--calib-cache-mem", "lots", "-o", out)
+    assert bad_size.exit_code == 2 and "lots" in bad_size.output
+    assert not out.exists()

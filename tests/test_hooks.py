@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gnsurgeon.hooks import StopForward, capture, detached_clone, eval_mode, registered
+from gnsurgeon.hooks import Call, StopForward, capture, detached_clone, eval_mode, registered
 
 
 class _Scale(nn.Module):
@@ -60,6 +60,15 @@ def test_captures_inputs_and_outputs_at_several_paths(net):
     assert torch.equal(seen.output("head"), seen.result)
     assert not seen.stopped
     assert list(seen.inputs) == ["conv", "scale", "head"]  # the order the modules ran
+
+
+def test_a_call_replays_a_block_on_recorded_arguments(net):
+    x = torch.randn(2, 4, 3, 3)
+    seen = capture(net.scale, Call((x,), {"factor": 3.0}), inputs=[""], outputs=[""])
+    assert torch.equal(seen.result, 3 * x) and torch.equal(seen.output(""), 3 * x)
+    assert seen.inputs[""][0].kwargs == {"factor": 3.0}
+    stopped = capture(net.scale, Call((x,), {"factor": 3.0}), inputs=[""], stop_at="")
+    assert stopped.stopped and torch.equal(stopped.input(""), x)
 
 
 def test_a_module_called_twice_is_recorded_twice():
