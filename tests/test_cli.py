@@ -323,6 +323,8 @@ def test_calib_cache_flags_reach_calibration_and_bad_values_are_one_sentence(tmp
     out = tmp_path / "m.safetensors"
     bad_mode = run("convert", "timm:test_resnet", *SMALL, "--calibrate", tmp_path, "--calib-cache", "tape", "-o", out)
     assert_bad_input(bad_mode, "--calib-cache 'tape'")
-    bad_size = run("convert", "timm:test_resnet", *SMALL, "--calibrate", tmp_path, "--calib-cache-mem", "lots", "-o", out)
+    bad_size = run(
+        "convert", "timm:test_resnet", *SMALL, "--calibrate", tmp_path, "--calib-cache-mem", "lots", "-o", out
+    )
     assert bad_size.exit_code == 2 and "lots" in bad_size.output
     assert not out.exists()
