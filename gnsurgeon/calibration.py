@@ -57,7 +57,9 @@ from .hooks import capture, eval_mode
 from .layers import frozen_affine_params
 from .metrics import kl_divergence
 from .models import DataConfig
+from .outputs import main_logits
 from .plan import Action, Plan
+from .reach import reached_layers, unreached_note
 
 _T = TypeVar("_T")
 
@@ -110,6 +112,7 @@ class CalibrationReport:
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
     broken_images: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # e.g. GN layers the eval forward never runs (skipped)
 
     def to_dict(self) -> dict:
         return {
@@ -122,6 +125,7 @@ class CalibrationReport:
             "layers": self.layers,
             "blocks": self.blocks,
             "broken_images": self.broken_images,
+            "notes": self.notes,
         }
 
 
@@ -327,10 +331,9 @@ def _reconstruct_block(
 def class_scores(output) -> torch.Tensor | None:
     """A model output as rows of class logits: (N, classes) as is, dense (N, classes, H, W) logits
     (segmentation; torchvision's ``{"out": ...}``) one row per position; None for anything else
-    (detector boxes, feature lists)."""
-    if isinstance(output, dict) and isinstance(output.get("out"), torch.Tensor):
-        output = output["out"]
-    if not isinstance(output, torch.Tensor) or output.dim() < 2 or not output.is_floating_point():
+    (detector boxes, feature lists). What counts as logits is :func:`~gnsurgeon.outputs.main_logits`'s."""
+    output = main_logits(output)
+    if output is None or output.dim() < 2:
         return None
     return output if output.dim() == 2 else output.movedim(1, -1).reshape(-1, output.shape[1])
 
@@ -482,7 +485,10 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     are kept apart for the agreement metric (all are used for both when there are too few).
     """
     device = options.torch_device()
-    dataset = ImageFolderData(options.data, eval_transform(data_config), limit=options.samples, seed=options.seed)
+    dataset = ImageFolderData(
+        options.data, eval_transform(data_config), limit=options.samples, seed=options.seed, readable_only=True
+    )
+    broken.add(dataset.unreadable)  # passed over: the counts below are images really used
     n_hold = int(round(len(dataset) * options.holdout)) if len(dataset) > 4 else 0
     shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
     fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
@@ -524,8 +530,10 @@ def calibrate(
 
     broken = BrokenImages()
     fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
-    order = _execution_order(student, gn_paths, next(iter(fit_data()), None))
+    order, unreached = _execution_order(student, gn_paths, next(iter(fit_data()), None))
     report = CalibrationReport(options.method, n_fit, n_hold)
+    if unreached:  # e.g. GoogLeNet's aux heads: they run in training only, so there is nothing to fit them on
+        report.notes.append(unreached_note(unreached, consequence="not calibrated (γ/β as converted)"))
     report.before = _agreement(student, teacher, eval_data)
     before = _layer_errors(student, teacher, order, eval_data)
     passes = _Passes(student, teacher, fit_data, options, untouchable(plan), device)
@@ -590,10 +598,12 @@ def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callabl
     return tick
 
 
-def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> list[str]:
-    """GN layers sorted by when they run (module registration order can differ from call order)."""
+def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> tuple[list[str], list[str]]:
+    """GN layers sorted by when they run (module registration order can differ from call order), and
+    those the eval forward never runs (:func:`~gnsurgeon.reach.reached_layers`: one rule with export)."""
     if x is None:
         raise GNSurgeonError("no readable image in the calibration folder")
-    # Record nothing but the calls: Capture lists paths in the order they first ran.
-    ran = list(capture(model, x[:1], inputs=paths, transform=lambda *_: None).inputs)
-    return ran + [p for p in paths if p not in ran]
+    order, unreached = reached_layers(model, x[:1], paths)
+    if not order:
+        raise GNSurgeonError(unreached_note(unreached, consequence="nothing to calibrate"))
+    return order, unreached

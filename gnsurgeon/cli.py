@@ -95,6 +95,12 @@ RecipePath = Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML rec
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")]
 
 
+def _interrupted(how: str) -> None:
+    """Ctrl-C in a long command: exit 130 (128 + SIGINT, as shells expect) saying how to go on."""
+    err_console.print(f"[bold yellow]interrupted[/] — {how}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _fail(exc: GNSurgeonError) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(1 if isinstance(exc, VerificationError) else 2)
@@ -374,6 +380,10 @@ def finetune_command(
         report = finetune(checkpoint, output, options, progress=None if quiet else err_console)
     except GNSurgeonError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # the training state written last is kept: --resume continues from it
+        if not main_rank:
+            raise typer.Exit(130) from None
+        _interrupted("rerun the same command with --resume (it continues from the last training state saved)")
     if not main_rank:
         return
     for note in report.notes:
@@ -546,6 +556,8 @@ def run_command(
         )
     except GNSurgeonError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # finished stages are recorded; an interrupted fine-tune keeps its state
+        _interrupted("rerun the same command to resume (finished stages are skipped, fine-tuning continues)")
     table = run_table(report.to_dict())
     console.print(table)
     if json_out:

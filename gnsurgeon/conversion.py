@@ -5,7 +5,7 @@ checkpoint), plan, apply, check the result on a probe input, save one checkpoint
 parses options into :class:`ConvertOptions` and renders the returned :class:`ConvertReport`.
 
 Stage: convert (+ calibrate), the first stage. It imports: calibration, checkpoint, errors, files,
-fold, options, plan, probe, sources, surgery.
+fold, options, plan, probe, provenance, sources, surgery.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .fold import plan_folds
 from .options import IMAGES, NOT_IN_RECIPES, build
 from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection
 from .probe import make_probe_input
+from .provenance import rebase_history, relative_to_checkpoint
 from .sources import DataConfig, OpenedSource, SourceOptions, open_source
 from .surgery import apply_plan, make_plan
 
@@ -182,7 +183,7 @@ def convert_source(
         start = time.perf_counter()
         _check_result(opened, converted, delta, options, report)
         timings["probe"] = round(time.perf_counter() - start, 4)
-    history = opened.history + [_history_entry(source, options, delta, report)]
+    history = rebase_history(opened.history, source, output) + [_history_entry(source, options, delta, report)]
     start = time.perf_counter()
     save(output, converted, plan, source=opened.spec, data_config=opened.data_config, history=history)
     timings["save"] = round(time.perf_counter() - start, 4)
@@ -220,6 +221,8 @@ def _history_entry(source: str, options: ConvertOptions, delta: Plan, report: Co
         "convert",
         source=str(source),
         weights=options.weights,
+        # the same file relative to the checkpoint's folder: found again from any directory
+        weights_file=relative_to_checkpoint(options.weights, report.output) if options.weights else None,
         pretrained=options.pretrained,
         options=delta.options,
         converted=len(delta.with_action(Action.GN)),

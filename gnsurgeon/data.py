@@ -85,15 +85,52 @@ def _require_image_input(config: DataConfig) -> None:
         )
 
 
-class ImageFolderData(Dataset):
-    """Images from a folder, transformed; a broken image yields ``(None, label, path)``."""
+def _open_rgb(path: Path):
+    from PIL import Image
 
-    def __init__(self, root: str | Path, transform, limit: int | None = None, seed: int = 0) -> None:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def is_readable(path: str | Path) -> bool:
+    """Whether the image at ``path`` decodes (fully: a truncated file fails here, not in a worker)."""
+    try:
+        _open_rgb(Path(path))
+    except Exception:  # PIL raises many types for truncated/corrupt files
+        return False
+    return True
+
+
+class ImageFolderData(Dataset):
+    """Images from a folder, transformed; a broken image yields ``(None, label, path)``.
+
+    ``limit`` takes that many images in a seeded random order. ``readable_only`` decodes each one
+    first and passes over those that fail (listed in :attr:`unreadable`), so that ``len()`` counts
+    images that will really be used: for the few hundred images of calibration, where the count is
+    reported; a training folder is not decoded twice (its unreadable images are counted as met).
+    """
+
+    def __init__(
+        self, root: str | Path, transform, limit: int | None = None, seed: int = 0, readable_only: bool = False
+    ) -> None:
         self.root = Path(root)
         self.samples, self.classes = scan_image_folder(root)
+        self.unreadable: list[str] = []
+        order = list(range(len(self.samples)))
         if limit is not None and limit < len(self.samples):
-            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed))
-            self.samples = [self.samples[i] for i in sorted(order[:limit].tolist())]
+            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        if readable_only:
+            chosen = []
+            for i in order:
+                if limit is not None and len(chosen) >= limit:
+                    break
+                if is_readable(self.samples[i][0]):
+                    chosen.append(i)
+                else:
+                    self.unreadable.append(str(self.samples[i][0]))
+        else:
+            chosen = order[:limit]
+        self.samples = [self.samples[i] for i in sorted(chosen)]
         self.transform = transform
 
     @property
@@ -104,13 +141,9 @@ class ImageFolderData(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-            return self.transform(image), label, str(path)
+            return self.transform(_open_rgb(path)), label, str(path)
         except Exception:  # PIL raises many types for truncated/corrupt files
             return None, label, str(path)
 
@@ -244,13 +277,6 @@ def _decode_video(path: Path, frames: int, train: bool) -> list:
     if last is None:
         raise ValueError(f"{path}: no frame decoded")
     return [kept.get(i, last) for i in wanted]  # a container that over-counts its frames: the last one
-
-
-def _open_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert("RGB")
 
 
 def clip_transform(config: DataConfig, train: bool, hflip: float = 0.5, scale: tuple[float, float] = (0.5, 1.0)):

@@ -222,6 +222,23 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+# Auxiliary heads that torchvision builds only when asked: constructor option -> their key prefixes.
+_AUX_HEADS = {
+    "aux_loss": ("aux_classifier.",),  # fcn_*, deeplabv3_*
+    "aux_logits": ("aux1.", "aux2.", "AuxLogits."),  # googlenet, inception_v3
+}
+
+
+def _aux_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Where the mismatch is exactly an auxiliary head, the constructor option that adds or drops it."""
+    for option, prefixes in _AUX_HEADS.items():
+        if unexpected and not missing and all(k.startswith(prefixes) for k in unexpected):
+            return f" (the file has an auxiliary head: build the model with --model-kwargs {option}=True)"
+        if missing and not unexpected and all(k.startswith(prefixes) for k in missing):
+            return f" (the model has an auxiliary head the file lacks: build it with --model-kwargs {option}=False)"
+    return ""
+
+
 def _is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
@@ -253,6 +270,6 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], ori
             parts.append(f"{len(unexpected)} unexpected key(s) ({_preview(unexpected)})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es) ({_preview(shapes, 3)})")
-        raise GNSurgeonError(f"{origin} does not fit the model: " + "; ".join(parts))
+        raise GNSurgeonError(f"{origin} does not fit the model: " + "; ".join(parts) + _aux_hint(missing, unexpected))
     filtered = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(filtered, strict=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
 from collections import Counter
@@ -214,12 +215,33 @@ def _gn_decomposed(
         if bias is None:
             return op.Conv(x, w, group=channels, kernel_shape=kernel)
         return op.Conv(x, w, bias, group=channels, kernel_shape=kernel)
-    axes = op.Constant(value_ints=list(range(1, rank - 1)))
+    if rank > 2:  # (C,) -> (C, 1, ...) to broadcast over the spatial axes
+        axes = op.Constant(value_ints=list(range(1, rank - 1)))
+        weight = op.Unsqueeze(weight, axes) if weight is not None else None
+        bias = op.Unsqueeze(bias, axes) if bias is not None else None
+    # (N, C) inputs (BatchNorm1d turned GN: LeViT, MLP heads) broadcast as they are. An empty axes
+    # Constant here made onnx_ir log "Attribute type is ambiguous" once per layer (48 lines on LeViT).
     if weight is not None:
-        x = op.Mul(x, op.Unsqueeze(weight, axes) if rank > 2 else weight)
+        x = op.Mul(x, weight)
     if bias is not None:
-        x = op.Add(x, op.Unsqueeze(bias, axes) if rank > 2 else bias)
+        x = op.Add(x, bias)
     return x
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: tuple[str, ...] = ("onnx_ir", "onnxscript", "torch.onnx")):
+    """The exporter's libraries log warnings per node to stderr (e.g. onnx_ir's "Attribute type is
+    ambiguous" for an empty list attribute); the export is verified numerically instead, so they
+    are held back to errors for its duration, as its warnings and prints already are."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def export_model(
@@ -242,7 +264,7 @@ def export_model(
     with torch.no_grad():
         single = isinstance(model(example), torch.Tensor)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

@@ -259,8 +259,11 @@ def _components(nodes: list, graph: OnnxGraph) -> list[list]:
     return sorted(pieces, key=lambda g: graph.order[id(g[0])])
 
 
-def _boundary(nodes: list, graph: OnnxGraph) -> tuple[list[str], list[str]]:
-    """``(entries, exits)``: activation tensors read from outside, tensors read outside or returned."""
+def _boundary(
+    nodes: list, graph: OnnxGraph, own: list | None = None, ignore: frozenset[int] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """``(entries, exits)``: activation tensors read from outside ``nodes``; tensors made by ``own``
+    (default: all of ``nodes``) that are returned or read outside by a node not in ``ignore``."""
     inside = {id(n) for n in nodes}
     produced = {o for n in nodes for o in n.output if o}
     entries = []
@@ -269,11 +272,35 @@ def _boundary(nodes: list, graph: OnnxGraph) -> tuple[list[str], list[str]]:
             if name and name not in produced and name not in graph.constant and name not in entries:
                 entries.append(name)
     exits = []
-    for name in (o for n in nodes for o in n.output if o):
-        outside = any(id(c) not in inside for c in graph.consumers.get(name, []))
-        if (outside or name in graph.outputs) and name not in exits:
+    for name in (o for n in (nodes if own is None else own) for o in n.output if o):
+        readers = [c for c in graph.consumers.get(name, []) if id(c) not in inside and id(c) not in ignore]
+        if (readers or name in graph.outputs) and name not in exits:
             exits.append(name)
     return entries, exits
+
+
+def _borrowed(piece: list, graph: OnnxGraph, owner: dict[int, str], path: str) -> list:
+    """The nodes of another GN layer that ``piece`` (a call of ``path``) starts from, or [].
+
+    Two layers that normalise the same tensor with the same G and eps (LeViT's ``head.bn`` and
+    ``head_dist.bn``, both BatchNorm1d of one pooled feature) are exported once: the exporter's
+    common-subexpression pass keeps one Reshape -> InstanceNormalization -> Reshape, scoped to the
+    first layer, and the second layer's own nodes are only its affine. Such a piece holds no
+    lowering's anchor and reads a tensor made by the other layer's nodes: those nodes, up from that
+    tensor, are its normalisation too."""
+    anchors = {lowering.anchor for lowering in LOWERINGS}
+    if any(n.op_type in anchors for n in piece):
+        return []
+    inside = {id(n) for n in piece}
+    stack = [i for n in piece for i in n.input if i and i not in graph.constant]
+    borrowed: dict[int, Any] = {}
+    while stack:
+        node = graph.producer.get(stack.pop())
+        if node is None or id(node) in inside or id(node) in borrowed or owner.get(id(node)) in (None, path):
+            continue
+        borrowed[id(node)] = node
+        stack.extend(i for i in node.input if i and i not in graph.constant)
+    return sorted(borrowed.values(), key=lambda n: graph.order[id(n)])
 
 
 def find_by_metadata(graph: OnnxGraph, paths: Iterable[str]) -> dict[str, list[GNSubgraph]]:
@@ -282,19 +309,22 @@ def find_by_metadata(graph: OnnxGraph, paths: Iterable[str]) -> dict[str, list[G
     out (they are not a GN call that can run on its own)."""
     paths = set(paths)
     assigned: dict[str, list] = defaultdict(list)
+    owner: dict[int, str] = {}
     for node in graph.nodes:
-        owner = next((s for s in reversed(node_scopes(node)) if s in paths), None)
-        if owner is not None:
-            assigned[owner].append(node)
+        path = next((s for s in reversed(node_scopes(node)) if s in paths), None)
+        if path is not None:
+            assigned[path].append(node)
+            owner[id(node)] = path
+    pieces = [(path, piece) for path, nodes in assigned.items() for piece in _components(nodes, graph)]
+    borrowed = [_borrowed(piece, graph, owner, path) for path, piece in pieces]
+    # A layer that lends its normalisation is read by the borrower mid-way: not one of its exits.
+    borrowers = frozenset(id(n) for (_, piece), lent in zip(pieces, borrowed, strict=True) if lent for n in piece)
     found: dict[str, list[GNSubgraph]] = {}
-    for path, nodes in assigned.items():
-        subs = []
-        for piece in _components(nodes, graph):
-            entries, exits = _boundary(piece, graph)
-            if len(entries) == 1 and len(exits) == 1:
-                subs.append(_subgraph(graph, path, (piece, entries[0], exits[0]), "metadata"))
-        if subs:
-            found[path] = subs
+    for (path, piece), lent in zip(pieces, borrowed, strict=True):
+        entries, exits = _boundary(lent + piece, graph, own=piece, ignore=borrowers)
+        if len(entries) == 1 and len(exits) == 1:
+            how = f"metadata (normalisation shared with {owner[id(lent[0])]})" if lent else "metadata"
+            found.setdefault(path, []).append(_subgraph(graph, path, (lent + piece, entries[0], exits[0]), how))
     return found
 
 

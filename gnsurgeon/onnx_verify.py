@@ -33,11 +33,13 @@ Finding and cutting out the GN subgraphs is :mod:`gnsurgeon.onnx_graph`'s; the t
 
 Stage: verification of an ONNX file, after export. It imports torch, numpy, onnx and onnxruntime (the
 last two inside functions, to keep ``import gnsurgeon`` light), :mod:`gnsurgeon.onnx_graph`,
-:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, and the source/data modules that open the model.
+:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.reach`, and the source/data modules
+that open the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from .models import DataConfig
 from .onnx_graph import GNSubgraph, OnnxGraph, extract_subgraph, locate_group_norms, model_input, model_opset
 from .options import NOT_IN_RECIPES
 from .probe import flatten_outputs, make_probe_input
+from .reach import split_reached, unreached_note
 from .sources import SourceOptions, open_source
 from .verdicts import CheckerFailure, LayerMismatch, LayerNotFound, ModelMismatch, VerifyFailure, error_ratio
 
@@ -71,8 +74,10 @@ __all__ = [
     "group_norm_modules",
     "group_stats",
     "kappa",
+    "merged_into",
     "onnxruntime_message",
     "require_tensor_task",
+    "same_function",
     "stress_inputs",
     "verify_model",
     "verify_onnx",
@@ -465,6 +470,34 @@ def _check_whole_model(
     return captured
 
 
+def same_function(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two GN modules compute the same function: type, G, eps, affine values and (timm's
+    GroupNormAct) the same activation."""
+    if type(a) is not type(b) or (a.num_groups, a.eps, repr(a)) != (b.num_groups, b.eps, repr(b)):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def merged_into(
+    path: str, activation: torch.Tensor, modules: dict[str, nn.GroupNorm], captured: dict, found: dict
+) -> GNSubgraph | None:
+    """The subgraph of another GN layer that also computes this call of ``path``, or None.
+
+    The exporter keeps one copy of identical computations: two layers with the same function
+    (:func:`same_function`) applied to the same tensor (LeViT's ``head.bn`` and ``head_dist.bn`` at
+    their initial γ = 1, β = 0) leave one subgraph, scoped to the first. That subgraph serves both, so
+    it is checked for both, each against its own module and input.
+    """
+    for other, subs in found.items():
+        if other == path or not same_function(modules[path], modules[other]):
+            continue
+        for sub, seen in zip(subs, captured.get(other, []), strict=False):
+            if seen.shape == activation.shape and torch.equal(seen, activation):
+                return dataclasses.replace(sub, path=path, mapped_by=f"{sub.mapped_by} (merged into {other})")
+    return None
+
+
 def _check_layers(model, modules: dict[str, nn.GroupNorm], captured: dict, report: VerifyReport) -> None:
     """Every call of every GN layer: its subgraph located, cut out and run on its activation and the
     stress inputs."""
@@ -476,21 +509,22 @@ def _check_layers(model, modules: dict[str, nn.GroupNorm], captured: dict, repor
     for path in calls:
         subs = found.get(path, [])
         for call, activation in enumerate(captured[path]):
-            if call >= len(subs):
+            sub = subs[call] if call < len(subs) else merged_into(path, activation, modules, captured, found)
+            if sub is None:
                 failure = LayerNotFound(layer=path)
                 report.layers.append({"path": path, "ok": False, "problems": [failure.reason]})
                 report.failures.append(failure)
                 continue
             cases = _layer_cases(activation, modules[path].num_groups, report.options, report.dynamic_batch, cache)
-            row = _check_layer(graph, subs[call], modules[path], cases, report.options)
+            row = _check_layer(graph, sub, modules[path], cases, report.options)
             if len(captured[path]) > 1:
                 row["call"] = call
             report.layers.append(row)
             if not row["ok"]:
                 report.failures.append(_layer_failure(row))
-    unused = [p for p in modules if p not in calls]
-    if unused:
-        report.notes.append(f"{len(unused)} GN module(s) not called on the probe input: {', '.join(unused[:3])}")
+    _, unreached = split_reached(modules, calls)
+    if unreached:  # e.g. GoogLeNet's aux heads: no node in the graph, nothing to verify
+        report.notes.append(unreached_note(unreached, consequence="not in the graph, not checked"))
 
 
 def verify_model(

@@ -145,22 +145,56 @@ def resolve_stages(
     return stages
 
 
+STAGES = ("convert", "finetune", "export")
+# What each stage writes into the run folder: its artifact, its report, its own bookkeeping.
+STAGE_FILES = {
+    "convert": ("converted.safetensors", "convert.json"),
+    "finetune": ("finetuned.safetensors", "finetune.json", "finetune-metrics.jsonl", "finetune-*.state.pt"),
+    "export": ("model.onnx", "export.json"),
+}
+
+
 class StageRunner:
     """Runs one stage unless ``run-state.json`` says it is done with the same fingerprint and its
-    artifact is still there; records it in the run's report and state file when it finishes."""
+    artifact is still there; records it in the run's report and state file when it finishes.
+
+    A stage that runs invalidates itself and every stage after it first: their entries leave
+    ``run-state.json`` and their files leave the folder, so a run that fails half-way never leaves
+    an earlier run's ``model.onnx`` next to a new fine-tuned checkpoint, or a state file that calls
+    it done. Only what lets the running stage resume (``keep``: its training state, its metrics)
+    stays."""
 
     def __init__(self, out: Path, report: RunReport, callback: Callable[[str], None] | None):
         self.out, self.report, self.callback = out, report, callback
         self.state_path = out / "run-state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
 
-    def run(self, name: str, fingerprint: str, artifact: Path, work: Callable[[], object]) -> None:
+    def invalidate(self, name: str, keep: tuple[Path, ...] = ()) -> list[str]:
+        """Forget stage ``name`` and the stages after it: state entries and files (but ``keep``);
+        returns the names of the files removed."""
+        later = STAGES[STAGES.index(name) :]
+        kept = {p.resolve() for p in keep}
+        removed = []
+        for stage in later:
+            for pattern in STAGE_FILES[stage]:
+                for path in sorted(self.out.glob(pattern)):
+                    if path.is_file() and path.resolve() not in kept:
+                        path.unlink()
+                        removed.append(path.name)
+        if any(self.state.pop(stage, None) is not None for stage in later):
+            write_text_atomically(self.state_path, json.dumps(self.state, indent=2))
+        return removed
+
+    def run(
+        self, name: str, fingerprint: str, artifact: Path, work: Callable[[], object], keep: tuple[Path, ...] = ()
+    ) -> None:
         done = self.state.get(name, {})
         if done.get("fingerprint") == fingerprint and artifact.exists():
             self.report.stages.append({**done, "status": "skipped (already done)"})
             return
         if self.callback:
             self.callback(name)
+        self.invalidate(name, keep)
         start = time.perf_counter()
         result = work()
         entry = {
@@ -186,7 +220,20 @@ def _export(checkpoint: Path, onnx_path: Path, options: ExportOptions, images: s
         result = export_onnx(str(checkpoint), onnx_path, options)
     if not result.ok:
         write_json(onnx_path.parent / "export.json", result.to_dict())
-        raise VerificationError(f"ONNX verification failed; see {onnx_path.parent / 'export.json'}")
+        why = result.verification.headline() if result.verification else "see the report"
+        report = onnx_path.parent / "export.json"
+        raise VerificationError(f"ONNX verification failed, {onnx_path.name} not written: {why} (report: {report})")
+    return result
+
+
+def _finetune(start: Path, finetuned: Path, options: FinetuneOptions, progress):
+    """Fine-tune; once the stage has finished its training state (~ the model + optimizer, hundreds
+    of MB) only served resuming, so it goes (it stays when the stage fails or is interrupted)."""
+    result = finetune(start, finetuned, options, progress=progress)
+    state = Path(options.state)
+    if state.is_file():
+        state.unlink()
+        result.notes.append(f"training state {state.name} removed: the stage finished")
     return result
 
 
@@ -227,11 +274,13 @@ def run_recipe(
     last = converted
     if stages.finetune is not None:  # `teacher: source` distils from the BN original the checkpoint records
         finetuned, start = out / "finetuned.safetensors", last
+        resumable = (Path(stages.finetune.state), Path(stages.finetune.metrics))  # an interrupted run continues
         runner.run(
             "finetune",
             stages.finetune_fp,
             finetuned,
-            lambda: finetune(start, finetuned, stages.finetune, progress=progress),
+            lambda: _finetune(start, finetuned, stages.finetune, progress),
+            keep=resumable,
         )
         last = finetuned
     if stages.export is not None:

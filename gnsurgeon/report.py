@@ -228,6 +228,8 @@ def calibration_summary(cal: dict) -> str:
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
+    for note in cal.get("notes", []):
+        text += f"; {note}"
     return text
 
 
@@ -239,6 +241,11 @@ def finetune_table(report: FinetuneReport) -> Table:
     table.add_column("value")
     steps = f"{report.steps}" + (f" (resumed from {report.resumed_from})" if report.resumed_from is not None else "")
     table.add_row("steps", steps)
+    unreadable = report.broken_images["count"]
+    table.add_row(
+        "data",
+        f"{report.train_images} training images" + (f" ({unreadable} unreadable, skipped)" if unreadable else ""),
+    )
     table.add_row(
         "batch",
         f"{s.batch_size} x {s.grad_accum} accum x {s.world_size} proc = {s.effective_batch} images/step",

@@ -7,8 +7,9 @@ trains on, alike, before any training. The teacher is opened with convert's SOUR
 ``source``: the BN model the checkpoint records it was converted from.
 
 Stage: finetune's models. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.conversion` (to
-open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.probe` and the finetune modules
-``options``, ``processes``, ``tasks`` and ``detection``.
+open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.probe`, :mod:`gnsurgeon.provenance` (the
+recorded teacher weights) and the finetune modules ``options``, ``processes``, ``tasks`` and
+``detection``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..checkpoint import CheckpointInfo, is_checkpoint, load
 from ..errors import GNSurgeonError
 from ..probe import model_device
+from ..provenance import recorded_weights
 from ..sources import SourceOptions, open_source
 from .detection import DetectionTask, is_detector
 from .options import FinetuneOptions
@@ -32,20 +34,25 @@ from .tasks import ClassificationTask, SegmentationTask, Task, VideoTask, dense_
 __all__ = ["Models", "all_finite", "choose_task", "converted_from", "open_teacher", "to_channels_last"]
 
 
-def converted_from(info: CheckpointInfo) -> tuple[str, str | None, bool]:
-    """``teacher: source``: the BN model a checkpoint was converted from, per its own history."""
+def converted_from(info: CheckpointInfo, need_weights: bool = True) -> tuple[str, str | None, bool]:
+    """``teacher: source``: the BN model a checkpoint was converted from, per its own history, and
+    its weights file, found relative to the checkpoint and checked to be a weights file before it is
+    opened (:func:`~gnsurgeon.provenance.recorded_weights`)."""
     entry = next((h for h in info.history if h.get("stage") == "convert"), None)
     if entry is None or not entry.get("source"):
         raise GNSurgeonError(
             f"--teacher source: checkpoint {info.path} records no conversion to take the BN original from; "
             "name the teacher (timm:NAME --teacher-weights FILE)"
         )
+    if not need_weights:  # --teacher-weights given: the recorded weights are not read
+        return entry["source"], None, False
     if not entry.get("weights") and not entry.get("pretrained"):
         raise GNSurgeonError(
             f"--teacher source: checkpoint {info.path} was converted from randomly initialised "
             f"{entry['source']}, which teaches nothing; pass --teacher-weights FILE"
         )
-    return entry["source"], entry.get("weights"), bool(entry.get("pretrained"))
+    weights = str(recorded_weights(entry, info.path, "--teacher source")) if entry.get("weights") else None
+    return entry["source"], weights, bool(entry.get("pretrained"))
 
 
 def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Module, str]:
@@ -57,7 +64,7 @@ def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Mod
     kwargs = dict(info.source.kwargs) if info.source else {}
     source, weights = options.teacher, options.teacher_weights
     if source == "source":
-        source, recorded, pretrained = converted_from(info)
+        source, recorded, pretrained = converted_from(info, need_weights=not weights)
         weights = weights or recorded
         source_options = SourceOptions(weights=weights, pretrained=pretrained and not weights, model_kwargs=kwargs)
     elif is_checkpoint(source):

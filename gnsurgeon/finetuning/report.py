@@ -37,6 +37,11 @@ class FinetuneReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def train_images(self) -> int:
+        """Training images used: the folder's files less the unreadable ones met (all, after an epoch)."""
+        return self.settings.train_images - int(self.broken_images.get("count", 0))
+
+    @property
     def images_per_s(self) -> float | None:
         return self.images_seen / self.train_seconds if self.train_seconds > 0 else None
 
@@ -47,6 +52,7 @@ class FinetuneReport:
             "checkpoint": self.checkpoint,
             "output": self.output,
             "settings": self.settings.to_dict(),
+            "train_images": self.train_images,
             "steps": self.steps,
             "resumed_from": self.resumed_from,
             "before": self.before,

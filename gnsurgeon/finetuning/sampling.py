@@ -68,6 +68,13 @@ def open_folders(options: FinetuneOptions, task: Task) -> tuple[Folders, list[st
         notes.append(f"the class sub-folders of {o.data} are not labels for a {task.kind} model: distillation only")
     if not train.labeled and not o.teacher:
         raise GNSurgeonError(f"data folder {o.data} has no class sub-folders (no labels): give --teacher to distill")
+    if len(train.classes) == 1 and task.uses_labels:  # CE would teach the model that one class, whatever it sees
+        only = train.classes[0]
+        raise GNSurgeonError(
+            f"data folder {o.data} has one class folder ({only}): cross-entropy on one class teaches nothing but "
+            f"that class; give two or more class folders, or --data {Path(o.data) / only} --teacher ... to "
+            "distill on its images without labels"
+        )
     val = task.dataset(o.val, train=False) if o.val else None
     val_classes = val.classes if val else []
     if train.labeled and task.uses_labels and val_classes and val_classes != train.classes:

@@ -14,8 +14,8 @@ here, one class per kind, chosen once from the model's structure and its data co
 * the evaluation counts, summed over processes, and what they come to.
 
 Stage: finetune's per-task logic. It imports torch, :mod:`gnsurgeon.data`, :mod:`gnsurgeon.errors`,
-:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.models` and
-:mod:`gnsurgeon.finetuning.options`.
+:mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.models`, :mod:`gnsurgeon.outputs`
+(what counts as logits) and :mod:`gnsurgeon.finetuning.options`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import GNSurgeonError
 from ..hooks import eval_mode
 from ..metrics import kl_divergence
 from ..models import DataConfig
+from ..outputs import AUX_WEIGHT, describe_output, main_logits, split_logits
 from .options import FinetuneOptions
 
 __all__ = [
@@ -69,21 +70,14 @@ def probe(model: nn.Module, x, what: str):
             raise GNSurgeonError(f"{what} fails on a probe input: {exc}") from None
 
 
-def _main_output(output):
-    """A classifier's or segmenter's main output: the tensor itself, torchvision's ``{"out": ...}``."""
-    if isinstance(output, dict) and isinstance(output.get("out"), torch.Tensor):
-        return output["out"]
-    return output
-
-
 def dense_logits(output) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(out, aux)`` of a segmentation output: torchvision's ``{"out", "aux"}`` dict or a bare
-    (N, K, H, W) tensor; ``(None, None)`` for anything else."""
-    main = _main_output(output)
-    if not isinstance(main, torch.Tensor) or main.dim() != 4 or not main.is_floating_point():
+    """``(out, aux)`` of a segmentation output (:func:`~gnsurgeon.outputs.split_logits`: torchvision's
+    ``{"out", "aux"}`` or a bare tensor) when ``out`` is (N, K, H, W); ``(None, None)`` otherwise."""
+    logits = split_logits(output)
+    if logits is None or logits.main.dim() != 4:
         return None, None
-    aux = output.get("aux") if isinstance(output, dict) else None
-    return main, (aux if isinstance(aux, torch.Tensor) else None)
+    aux = next((a for a in logits.aux if a.dim() == 4), None)
+    return logits.main, aux
 
 
 class Task:
@@ -137,6 +131,10 @@ class Task:
         """The ``--train-heads`` setting where it means something (detection), else None."""
         return None
 
+    def run_notes(self) -> list[str]:
+        """What the run's report should say about how this task trained, once it has."""
+        return []
+
     # -------------------------------------------------------------- training
     def loss(self, net: nn.Module, teacher: nn.Module | None, images, labels: torch.Tensor, labeled: bool) -> LossParts:
         raise NotImplementedError
@@ -150,16 +148,22 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """(N, K) logits: CE on the labels (when the folder has classes) + Hinton KD from the teacher."""
+    """(N, K) logits: CE on the labels (when the folder has classes) + Hinton KD from the teacher.
+    Outputs are read by :func:`~gnsurgeon.outputs.split_logits`: auxiliary heads that a model returns
+    in training mode (GoogLeNet, Inception3) get the same loss, weighted :data:`~gnsurgeon.outputs.AUX_WEIGHT`."""
 
     counters = ("images", "labelled", "correct", "agree", "teacher_correct")
 
+    def __init__(self, config: DataConfig, options: FinetuneOptions) -> None:
+        super().__init__(config, options)
+        self.aux_heads = 0  # auxiliary heads the student's training forward returns (GoogLeNet: 2)
+
     def _logits(self, model: nn.Module, what: str, device: torch.device) -> int:
-        out = _main_output(probe(model, self.probe_input(device), what))
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise GNSurgeonError(f"{what} outputs {shape}, not classification logits (N, K)")
-        return int(out.shape[1])
+        out = probe(model, self.probe_input(device), what)
+        logits = main_logits(out)
+        if logits is None or logits.dim() != 2:
+            raise GNSurgeonError(f"{what} outputs {describe_output(out)}, not classification logits (N, K)")
+        return int(logits.shape[1])
 
     def check(self, student, teacher, classes, device) -> None:
         logits = self._logits(student, "the checkpoint's model", device)
@@ -168,30 +172,52 @@ class ClassificationTask(Task):
                 f"data folder {self.options.data} has {classes} classes but the model outputs {logits} logits"
             )
         if teacher is not None:
-            teacher_logits = self._logits(teacher, f"--teacher {self.options.teacher}", device)
-            if teacher_logits != logits:
-                raise GNSurgeonError(
-                    f"--teacher {self.options.teacher} outputs {teacher_logits} logits, the student {logits}"
-                )
+            theirs = self._logits(teacher, f"--teacher {self.options.teacher}", device)
+            if theirs != logits:
+                raise GNSurgeonError(f"--teacher {self.options.teacher} outputs {theirs} logits, the student {logits}")
 
     def loss(self, net, teacher, images, labels, labeled) -> LossParts:
-        o = self.options
-        logits = _main_output(net(images)).float()
-        zero = torch.zeros((), device=logits.device)
-        ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if labeled else zero
-        kd = zero
+        output = net(images)
+        logits = split_logits(output)
+        if logits is None:
+            raise GNSurgeonError(
+                f"the model outputs {describe_output(output)} in training mode, not classification logits "
+                "(a tensor, or torchvision's GoogLeNet/Inception outputs)"
+            )
+        target = None
         if teacher is not None:
             with torch.no_grad():
-                target = _main_output(teacher(images)).float()
-            kd = kl_divergence(logits, target, o.kd_temperature)
-        return LossParts(ce + o.kd_weight * kd, ce, kd)
+                target = main_logits(teacher(images)).float()
+        ce, kd = self._losses(logits.main.float(), labels, target, labeled)
+        loss = ce + self.options.kd_weight * kd
+        self.aux_heads = len(logits.aux)
+        for aux in logits.aux:  # GoogLeNet/Inception in train mode: the same loss on each aux head, x 0.3
+            aux_ce, aux_kd = self._losses(aux.float(), labels, target, labeled)
+            loss = loss + AUX_WEIGHT * (aux_ce + self.options.kd_weight * aux_kd)
+        return LossParts(loss, ce, kd)
+
+    def _losses(self, logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None, labeled: bool):
+        """``(ce, kd)`` of one head's logits: cross-entropy on the labels (0 without), KD from the
+        teacher's logits (0 without a teacher)."""
+        o, zero = self.options, torch.zeros((), device=logits.device)
+        ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if labeled else zero
+        kd = kl_divergence(logits, target, o.kd_temperature) if target is not None else zero
+        return ce, kd
+
+    def run_notes(self) -> list[str]:
+        if not self.aux_heads:
+            return []
+        return [
+            f"the model returns {self.aux_heads} auxiliary head(s) in training mode (GoogLeNet/Inception): "
+            f"each was trained with the same loss, weighted {AUX_WEIGHT:g} (GoogLeNet's weighting)"
+        ]
 
     def eval_counts(self, student, teacher, images, labels) -> list[float]:
-        pred = _main_output(student(images)).argmax(1)
+        pred = main_logits(student(images)).argmax(1)
         has_label = labels >= 0
         counts = [len(labels), int(has_label.sum()), int((pred == labels)[has_label].sum()), 0, 0]
         if teacher is not None:
-            tpred = _main_output(teacher(images)).argmax(1)
+            tpred = main_logits(teacher(images)).argmax(1)
             counts[3] = int((pred == tpred).sum())
             counts[4] = int((tpred == labels)[has_label].sum())
         return counts

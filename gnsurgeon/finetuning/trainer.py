@@ -12,7 +12,8 @@ The loss is checked once per log window and the weights before every state save:
 the run with :class:`NonFiniteLossError`, the output unwritten and the last good state kept.
 
 Stage: finetune's driver. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.data`,
-:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files` and every other finetune module.
+:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files`, :mod:`gnsurgeon.provenance` and every other
+finetune module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..checkpoint import CheckpointInfo, history_entry, read_checkpoint, save
 from ..data import BrokenImages
 from ..errors import GNSurgeonError
 from ..files import check_output
+from ..provenance import rebase_history
 from .evaluation import Validation
 from .models import Models, all_finite
 from .monitoring import MetricsLog, ProgressBar, TrainClock, Window
@@ -65,6 +67,9 @@ def finetune(
     options = options or FinetuneOptions()
     options.validate()
     output = check_output(output, ".safetensors")
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        # Refused, not overwritten: the input is what --resume and --teacher source read again.
+        raise GNSurgeonError(f"-o {output} is the input checkpoint; write the fine-tuned model to another file")
     info = read_checkpoint(checkpoint)
     if not Path(options.data).is_dir():
         raise GNSurgeonError(f"data folder {options.data} does not exist")
@@ -161,6 +166,7 @@ class Trainer:
             self._train(start_step, report, bar, callback)
         report.after, _ = self.validation.run(self.models, self.log, "after", self.settings.total_steps)
         report.broken_images = merge_broken(proc, self.broken)
+        report.notes += self.models.task.run_notes()
         if proc.main:
             self._save_output(report)
         proc.barrier()
@@ -320,7 +326,7 @@ class Trainer:
             self.info.plan,
             source=self.info.source,
             data_config=self.info.data_config,
-            history=list(self.info.history) + [entry],
+            history=rebase_history(self.info.history, self.files.checkpoint, self.files.output) + [entry],
         )
 
 
