@@ -7,7 +7,7 @@ maps, is a dense, stable target. So each step runs the teacher once in eval mode
 capturing what its backbone received (the resized, normalised batch, so both networks see the same
 tensor) and returned, and what each trained head unit received and returned; the student's backbone
 runs on that batch and its features are pulled toward the teacher's, level by level, by a relative
-MSE (MSE / the teacher level's variance: levels of any scale count alike).
+MSE (per image, MSE / the teacher level's variance: levels of any scale count alike).
 
 Heads are the detector's children other than ``transform`` and ``backbone`` (``rpn``,
 ``roi_heads``, ``head``); their *units* are their children with parameters (``rpn.head``,
@@ -73,10 +73,18 @@ def head_units(detector: nn.Module) -> dict[str, list[str]]:
     return heads
 
 
-def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE relative to the teacher's variance (a level of any scale counts alike)."""
-    teacher = teacher.float()
-    return F.mse_loss(student.float(), teacher) / teacher.var(unbiased=False).clamp_min(1e-6)
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """MSE relative to the teacher's variance, so that a level of any scale counts alike.
+
+    ``per_sample``: each image's MSE relative to its own variance, then the mean over images (for
+    feature maps: the loss of a batch is then the mean of its images' losses, so 2 processes x
+    batch 1 train exactly like 1 x batch 2). Otherwise over the whole tensor (head outputs, whose
+    first dimension is proposals, not images)."""
+    student, teacher = student.float(), teacher.float()
+    if not per_sample or teacher.dim() < 2:
+        return F.mse_loss(student, teacher) / teacher.var(unbiased=False).clamp_min(1e-6)
+    dims = tuple(range(1, teacher.dim()))
+    return ((student - teacher).pow(2).mean(dims) / teacher.var(dims, unbiased=False).clamp_min(1e-6)).mean()
 
 
 def _as_levels(features) -> list[torch.Tensor]:
@@ -206,7 +214,7 @@ class DetectionTask(Task):
     def loss(self, net, teacher, images, labels, labeled) -> LossParts:
         batch, target_levels, calls, target_units, _ = self._teacher_pass(teacher, images)
         levels, unit_outputs = net(batch, calls)
-        kd = torch.stack([relative_mse(s, t) for s, t in zip(levels, target_levels, strict=True)]).mean()
+        kd = torch.stack([relative_mse(s, t, True) for s, t in zip(levels, target_levels, strict=True)]).mean()
         unit_losses = []
         for path, out in unit_outputs.items():
             pairs = zip(flatten_outputs(out), flatten_outputs(target_units[path]), strict=True)
