@@ -237,7 +237,7 @@ FINETUNE_KD = {  # what "KD" is per task (finetuning/tasks.py, detection.py)
     "classification": "KD (T={t:g}, weight {w:g})",
     "video": "KD per clip (T={t:g}, weight {w:g})",
     "segmentation": "per-pixel KD (T={t:g}, weight {w:g})",
-    "detection": "backbone/FPN feature matching + {heads} (weight {w:g})",
+    "detection": "backbone/FPN feature matching, + the outputs of heads that train (weight {w:g})",
 }
 
 
@@ -286,9 +286,7 @@ def finetune_table(report: FinetuneReport) -> Table:
     )
     loss = "CE" if s.labeled else ""
     if s.teacher:
-        loss = (loss + " + " if loss else "") + FINETUNE_KD.get(s.task, "KD").format(
-            t=s.kd_temperature, w=s.kd_weight, heads="trained heads' outputs" if s.train_heads else "changed heads"
-        )
+        loss = (loss + " + " if loss else "") + FINETUNE_KD.get(s.task, "KD").format(t=s.kd_temperature, w=s.kd_weight)
     table.add_row("loss", f"{loss}: final {report.final_loss:.4f}" if report.final_loss is not None else loss)
     table.add_row("device", f"{s.device}, amp {s.amp or 'off'}, channels_last {s.channels_last}")
     if report.images_per_s:
