@@ -150,8 +150,10 @@ class PlainProgress:
             self.console.print(self.line(now), highlight=False, soft_wrap=True)
 
     def line(self, now: float) -> str:
-        done = f"{self.completed}/{self.total} ({100 * self.completed / self.total:.0f}%)" if self.total else (
-            f"{self.completed} done"
+        done = (
+            f"{self.completed}/{self.total} ({100 * self.completed / self.total:.0f}%)"
+            if self.total
+            else (f"{self.completed} done")
         )
         elapsed = now - self.started
         text = f"{self.description}: {done}, {duration(elapsed)}"
