@@ -100,7 +100,8 @@ def _run(recipe: Path, out: Path, images: Path, weights: Path, *extra: str, task
     if recipe.stem in TASK_SOURCES:
         name, kwargs, size = TASK_SOURCES[recipe.stem]
         kw = ",".join(f"{k}={v}" for k, v in kwargs.items())
-        source = [f"torchvision:{name}", "--model-kwargs", kw, "--input-size", size, "--weights", task_weights[recipe.stem]]
+        source = [f"torchvision:{name}", "--model-kwargs", kw, "--input-size", size]
+        source += ["--weights", task_weights[recipe.stem]]
         data = clips if recipe.stem == "video-3d" else images
     else:
         source = ["timm:test_resnet", "--num-classes", "3", "--input-size", "3,32,32"]

@@ -5,8 +5,8 @@ user leave BN in the first place; GN trains the same at batch 2 as at 32. :func:
 loop, for every kind of model convert accepts (classification, segmentation, detection, video: one
 :class:`~.tasks.Task` each, chosen from the model), with the known-good recipe (detectron2 / the
 GN paper): weight decay 0 on normalization parameters and biases, linear learning-rate scaling with
-the batch, warmup then cosine decay, and optionally knowledge distillation from the BN original. BN* layers have no parameters and stay
-frozen; layers the plan kept as BatchNorm train as BN normally.
+the batch, warmup then cosine decay, and optionally knowledge distillation from the BN original.
+BN* layers have no parameters and stay frozen; layers the plan kept as BatchNorm train as BN normally.
 
 Reproducibility is by construction rather than by hoping the data loader replays:
 
