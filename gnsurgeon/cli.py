@@ -375,7 +375,7 @@ def inspect(
 def finetune_command(
     checkpoint: Annotated[Path, typer.Argument(help="A gnsurgeon checkpoint (.safetensors).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .safetensors.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Training images: class folders, or flat (KD).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Training images/clips: class folders, or flat.")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Validation images, evaluated before and after.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: 1 epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs instead of --steps.")] = None,
@@ -404,6 +404,10 @@ def finetune_command(
     ] = None,
     kd_temperature: Annotated[float | None, typer.Option("--kd-temperature", help="KD temperature T (1).")] = None,
     kd_weight: Annotated[float | None, typer.Option("--kd-weight", help="KD loss weight next to CE (1).")] = None,
+    train_heads: Annotated[
+        bool | None,
+        typer.Option("--train-heads/--freeze-heads", help="Detection: also train heads conversion did not change."),
+    ] = None,
     hflip: Annotated[float | None, typer.Option("--hflip", help="Horizontal flip probability (0.5).")] = None,
     min_crop_scale: Annotated[
         float | None, typer.Option("--min-crop-scale", help="Random resized crop scale floor (0.5).")
@@ -431,7 +435,8 @@ def finetune_command(
     json_out: JsonOut = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Fine-tune CHECKPOINT on an image folder (optionally distilling from the BN original)."""
+    """Fine-tune CHECKPOINT on an image or clip folder: classifiers and video models with labels and/or
+    distillation from the BN original, segmentation and detection models by distillation alone."""
     import os
 
     values = dict(locals())

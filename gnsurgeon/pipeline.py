@@ -82,6 +82,10 @@ def stage_result(name: str, report: dict) -> str:
             if teacher.get("top1") is not None:
                 text += f" (BN teacher {teacher['top1']:.2f}%)"
             return text
+        if before.get("teacher_agreement") is not None and after.get("teacher_agreement") is not None:
+            task = report["settings"].get("task", "classification")  # agreement per pixel / box F1 (dense tasks)
+            b, a = before["teacher_agreement"], after["teacher_agreement"]
+            return f"{task}: agreement with the BN teacher {b:.2f}% -> {a:.2f}%"
         return f"{report.get('steps', '?')} steps"
     if name == "export":
         verification = report.get("verification") or {}

@@ -153,8 +153,10 @@ class PlainProgress:
             self.console.print(self.line(now), highlight=False, soft_wrap=True)
 
     def line(self, now: float) -> str:
-        done = f"{self.completed}/{self.total} ({100 * self.completed / self.total:.0f}%)" if self.total else (
-            f"{self.completed} done"
+        done = (
+            f"{self.completed}/{self.total} ({100 * self.completed / self.total:.0f}%)"
+            if self.total
+            else (f"{self.completed} done")
         )
         elapsed = now - self.started
         text = f"{self.description}: {done}, {duration(elapsed)}"
@@ -249,10 +251,39 @@ def _cache_summary(cache: dict) -> str:
     )
 
 
+FINETUNE_KD = {  # what "KD" is per task (finetuning/tasks.py, detection.py)
+    "classification": "KD (T={t:g}, weight {w:g})",
+    "video": "KD per clip (T={t:g}, weight {w:g})",
+    "segmentation": "per-pixel KD (T={t:g}, weight {w:g})",
+    "detection": "backbone/FPN feature matching, + the outputs of heads that train (weight {w:g})",
+}
+
+
+def finetune_eval_text(task: str, result: dict) -> str:
+    """One evaluation (before / after) in words, by what the task measures."""
+
+    def pct(value) -> str:
+        return f"{value:.2f}%" if value is not None else "-"
+
+    agreement = result.get("teacher_agreement")
+    if task == "segmentation":
+        text = f"per-pixel agreement with teacher {pct(agreement)}, KL {result.get('pixel_kl') or 0:.4f}"
+    elif task == "detection":
+        cosine = result.get("feature_cosine")
+        text = f"feature cosine {cosine:.4f}" if cosine is not None else "feature cosine -"
+        text += f", box agreement {pct(agreement)} ({result.get('teacher_boxes', 0)} teacher boxes)"
+    else:
+        text = f"top-1 {pct(result.get('top1'))}"
+        if "teacher_agreement" in result:
+            text += f", agreement with teacher {pct(agreement)}"
+    unit = "clips" if task == "video" else "images"
+    return text + f" ({result['images']} val {unit})"
+
+
 def finetune_table(report: FinetuneReport) -> Table:
     """The run at a glance: settings, before/after evaluation, speed, files."""
     s = report.settings
-    table = Table(title="Fine-tuning", show_header=False)
+    table = Table(title=f"Fine-tuning ({report.settings.task})", show_header=False)
     table.add_column("item", style="bold")
     table.add_column("value")
     steps = f"{report.steps}" + (f" (resumed from {report.resumed_from})" if report.resumed_from is not None else "")
@@ -273,7 +304,7 @@ def finetune_table(report: FinetuneReport) -> Table:
     )
     loss = "CE" if s.labeled else ""
     if s.teacher:
-        loss = (loss + " + " if loss else "") + f"KD (T={s.kd_temperature:g}, weight {s.kd_weight:g})"
+        loss = (loss + " + " if loss else "") + FINETUNE_KD.get(s.task, "KD").format(t=s.kd_temperature, w=s.kd_weight)
     table.add_row("loss", f"{loss}: final {report.final_loss:.4f}" if report.final_loss is not None else loss)
     table.add_row("device", f"{s.device}, amp {s.amp or 'off'}, channels_last {s.channels_last}")
     if report.images_per_s:
@@ -284,10 +315,7 @@ def finetune_table(report: FinetuneReport) -> Table:
 
     for when, result in (("before", report.before), ("after", report.after)):
         if result:
-            text = f"top-1 {pct(result.get('top1'))}"
-            if "teacher_agreement" in result:
-                text += f", agreement with teacher {pct(result['teacher_agreement'])}"
-            table.add_row(when, text + f" ({result['images']} val images)")
+            table.add_row(when, finetune_eval_text(s.task, result))
     if report.teacher_eval:
         table.add_row("teacher", f"top-1 {pct(report.teacher_eval.get('top1'))}")
     if not report.before and not report.after:

@@ -141,7 +141,7 @@ def test_settings_are_frozen_and_their_json_is_the_flat_dict_of_before():
     d = s.to_dict()
     assert list(d)[:5] == ["train_images", "labeled", "classes", "total_steps", "batch_size"]
     assert list(d)[-5:] == ["amp", "device", "channels_last", "compile", "params"]
-    assert len(d) == 30 and d["params"] == {"decay": 10, "no_decay": 20}
+    assert len(d) == 32 and d["params"] == {"decay": 10, "no_decay": 20}
     assert json.loads(json.dumps(d)) == d  # plain JSON values only
     report = FinetuneReport("in.safetensors", "out.safetensors", s)
     assert report.to_dict()["settings"] == d

@@ -2,10 +2,11 @@
 
 After conversion a model must be fine-tuned briefly, usually at the small batch sizes that made the
 user leave BN in the first place; GN trains the same at batch 2 as at 32. :func:`finetune` runs that
-loop with the known-good recipe (detectron2 / the GN paper): weight decay 0 on normalization
-parameters and biases, linear learning-rate scaling with the batch, warmup then cosine decay, and
-optionally knowledge distillation from the BN original. BN* layers have no parameters and stay
-frozen; layers the plan kept as BatchNorm train as BN normally.
+loop, for every kind of model convert accepts (classification, segmentation, detection, video: one
+:class:`~.tasks.Task` each, chosen from the model), with the known-good recipe (detectron2 / the
+GN paper): weight decay 0 on normalization parameters and biases, linear learning-rate scaling with
+the batch, warmup then cosine decay, and optionally knowledge distillation from the BN original.
+BN* layers have no parameters and stay frozen; layers the plan kept as BatchNorm train as BN normally.
 
 Reproducibility is by construction rather than by hoping the data loader replays:
 
@@ -21,7 +22,8 @@ rank 0 writes files and shows progress.
 
 The modules, in the order a run uses them: ``options`` (what the user asked), ``processes``
 (torchrun and the device), ``sampling`` (folders, seeded samples, epoch order), ``models`` (student,
-teacher, DDP), ``settings`` (everything resolved, one frozen record), ``optimization`` (decay
+teacher, DDP, and the task they train as: ``tasks``, ``detection``), ``settings`` (everything
+resolved, one frozen record), ``optimization`` (decay
 groups, schedule, step), ``evaluation``, ``monitoring`` (metrics file, progress), ``state`` (the
 resumable training state), ``trainer`` (the run), ``report`` (what it did).
 

@@ -1,15 +1,15 @@
 """The networks of a fine-tuning run: the student loaded from the checkpoint, the frozen teacher it
 may distil from, and the wrapper the student trains through (DDP, torch.compile).
 
-Both networks are checked before any training: each must output classification logits (N, K) on
-the checkpoint's input size, with as many logits as each other and at least as many as the data
-has classes; the teacher is opened with convert's SOURCE syntax, or as ``source``: the BN model the
-checkpoint records it was converted from.
+The task a run trains as (classification, video, segmentation, detection: :mod:`.tasks`) is
+chosen here from the student's structure; the task then checks that both networks output what it
+trains on, alike, before any training. The teacher is opened with convert's SOURCE syntax, or as
+``source``: the BN model the checkpoint records it was converted from.
 
 Stage: finetune's models. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.conversion` (to
-open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.hooks`, :mod:`gnsurgeon.outputs` (what counts as logits),
-:mod:`gnsurgeon.provenance` (the recorded teacher weights) and the finetune modules
-``options``, ``processes`` and ``sampling``.
+open a teacher), :mod:`gnsurgeon.errors`, :mod:`gnsurgeon.probe`, :mod:`gnsurgeon.provenance` (the
+recorded teacher weights) and the finetune modules ``options``, ``processes``, ``tasks`` and
+``detection``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import CheckpointInfo, is_checkpoint, load
 from ..errors import GNSurgeonError
-from ..hooks import eval_mode
-from ..outputs import Logits, describe_output, main_logits, split_logits
+from ..probe import model_device
 from ..provenance import recorded_weights
 from ..sources import SourceOptions, open_source
+from .detection import DetectionTask, is_detector
 from .options import FinetuneOptions
-from .processes import Processes, autocast
-from .sampling import Folders
+from .processes import Processes
+from .tasks import ClassificationTask, SegmentationTask, Task, VideoTask, dense_logits, probe
 
-__all__ = ["Models", "all_finite", "converted_from", "num_logits", "open_teacher"]
+__all__ = ["Models", "all_finite", "choose_task", "converted_from", "open_teacher", "to_channels_last"]
 
 
 def converted_from(info: CheckpointInfo, need_weights: bool = True) -> tuple[str, str | None, bool]:
@@ -85,21 +85,22 @@ def open_teacher(options: FinetuneOptions, info: CheckpointInfo) -> tuple[nn.Mod
     return teacher.eval(), source + (f" + {weights}" if weights else "")
 
 
-@torch.no_grad()
-def num_logits(model: nn.Module, input_size: tuple[int, ...], device: torch.device, what: str) -> int:
-    """Run one zero image in eval mode; the output must hold classification logits (N, K)
-    (:func:`~gnsurgeon.outputs.main_logits`: a tensor, torchvision's namedtuples, ``{"out": ...}``)."""
-    with eval_mode(model):
-        try:
-            out = model(torch.zeros(1, *input_size, device=device))
-        except Exception as exc:
-            raise GNSurgeonError(f"{what} fails on a {tuple(input_size)} input: {exc}") from None
-    logits = main_logits(out)
-    if logits is None or logits.dim() != 2:
-        raise GNSurgeonError(
-            f"{what} outputs {describe_output(out)}, not classification logits (N, K); finetune trains classifiers"
-        )
-    return int(logits.shape[1])
+def choose_task(student: nn.Module, info: CheckpointInfo, options: FinetuneOptions) -> Task:
+    """The task a model trains as, from its structure and its data config: a torchvision detector
+    (:func:`~.detection.is_detector`), a clip model (a (C, T, H, W) input), a segmenter (the data
+    config says so, or the model's output is dense logits (N, K, H, W) / ``{"out": ...}``), else a
+    classifier."""
+    config = info.data_config
+    if is_detector(student):
+        return DetectionTask(config, options)
+    if len(config.input_size) == 4:
+        return VideoTask(config, options)
+    if config.task == "segmentation":
+        return SegmentationTask(config, options)
+    out = probe(student, torch.zeros(1, *config.input_size, device=model_device(student)), f"checkpoint {info.path}")
+    if dense_logits(out)[0] is not None:
+        return SegmentationTask(config, options)
+    return ClassificationTask(config, options)
 
 
 @torch.no_grad()
@@ -110,11 +111,15 @@ def all_finite(model: nn.Module) -> bool:
 
 
 class Models:
-    """The student, its teacher (or None) and ``train_model``: what the training forward calls
-    (the student itself, or its DDP / compiled wrapper; both share the student's parameters)."""
+    """The student, the task it trains as, its teacher (or None) and ``train_model``: what the
+    training forward calls (the task's network, :meth:`~.tasks.Task.network`, or its DDP / compiled
+    wrapper; all share the student's parameters)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, teacher_from: str | None = None) -> None:
+    def __init__(
+        self, student: nn.Module, task: Task, teacher: nn.Module | None = None, teacher_from: str | None = None
+    ) -> None:
         self.student = student
+        self.task = task
         self.teacher = teacher
         self.teacher_from = teacher_from  # where the teacher came from, for the settings
         self.train_model: nn.Module = student
@@ -127,41 +132,37 @@ class Models:
         options: FinetuneOptions,
         base: nn.Module | None,
         device: torch.device,
-        folders: Folders,
     ) -> Models:
-        """The student in train mode, the teacher frozen; both must output the same logits."""
-        input_size = info.data_config.input_size
+        """The student in train mode, the task it trains as (:func:`choose_task`) and the teacher (if
+        any) frozen in eval mode; checking that they fit the task is the task's
+        (:meth:`~.tasks.Task.check`)."""
         student = load(checkpoint, model=base, device=device).train()
-        logits = num_logits(student, input_size, device, f"checkpoint {checkpoint}")
-        classes = len(folders.train.classes)
-        if folders.labeled and classes > logits:
-            raise GNSurgeonError(
-                f"data folder {options.data} has {classes} classes but the model outputs {logits} logits"
-            )
+        task = choose_task(student, info, options)
         if not options.teacher:
-            return cls(student)
+            return cls(student, task)
         teacher, teacher_from = open_teacher(options, info)
-        teacher = teacher.to(device)
-        teacher_logits = num_logits(teacher, input_size, device, f"--teacher {options.teacher}")
-        if teacher_logits != logits:
-            raise GNSurgeonError(f"--teacher {options.teacher} outputs {teacher_logits} logits, the student {logits}")
-        return cls(student, teacher, teacher_from)
+        return cls(student, task, teacher.to(device), teacher_from)
 
     def to_channels_last(self) -> None:
-        """Both networks in channels_last memory format, in place (the parameters stay the same objects)."""
-        self.student.to(memory_format=torch.channels_last)
-        if self.teacher is not None:
-            self.teacher.to(memory_format=torch.channels_last)
+        """Both networks' 4-d weights in channels_last, 5-d ones (Conv3d: video) in channels_last_3d,
+        in place: the parameters stay the same objects. (``Module.to(memory_format=channels_last)``
+        raises on a Conv3d weight, so video models could not take the default CUDA path.)"""
+        for model in (self.student, self.teacher):
+            if model is not None:
+                to_channels_last(model)
 
     def wrap(self, proc: Processes, compile: bool) -> None:
-        """Train through DistributedDataParallel with several processes, compiled if asked."""
-        model = self.student
+        """Train through the task's network (:meth:`~.tasks.Task.network`: the student, or the
+        detector's feature-matching forward), in DistributedDataParallel with several processes,
+        compiled if asked."""
+        model = self.task.network(self.student)
         if proc.world > 1:
             has_bn = any(isinstance(m, _BatchNorm) for m in self.student.modules())
             model = nn.parallel.DistributedDataParallel(
-                self.student,
+                model,
                 device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
                 forward_sync_buffers=has_bn,  # only kept BatchNorm layers have statistics to keep in sync
+                find_unused_parameters=self.task.find_unused_parameters,
             )
         self.train_model = torch.compile(model) if compile else model
 
@@ -170,22 +171,11 @@ class Models:
         ddp = getattr(self.train_model, "_orig_mod", self.train_model)  # torch.compile wrapper
         return ddp.no_sync()
 
-    def forward(
-        self, images: torch.Tensor, device: torch.device, amp: torch.dtype | None
-    ) -> tuple[Logits, torch.Tensor | None]:
-        """Student logits (with gradients; in train mode GoogLeNet/Inception add their auxiliary
-        heads' logits) and the teacher's main logits (without, or None), all float32."""
-        with autocast(device, amp):
-            output = self.train_model(images)
-            teacher_logits = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = main_logits(self.teacher(images))
-        logits = split_logits(output)
-        if logits is None:
-            raise GNSurgeonError(
-                f"the model outputs {describe_output(output)} in training mode, not classification logits "
-                "(a tensor, or torchvision's GoogLeNet/Inception outputs)"
-            )
-        student = Logits(logits.main.float(), tuple(a.float() for a in logits.aux))
-        return student, (teacher_logits.float() if teacher_logits is not None else None)
+
+@torch.no_grad()
+def to_channels_last(model: nn.Module) -> None:
+    """Every 4-d parameter and buffer of ``model`` in channels_last, every 5-d one in channels_last_3d."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.dim() in formats:
+            tensor.data = tensor.data.contiguous(memory_format=formats[tensor.dim()])

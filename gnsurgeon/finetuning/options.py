@@ -42,7 +42,8 @@ class FinetuneOptions:
     of big models do not spend their time writing optimizer state. ``resume`` continues from that
     state when there is one (and starts from step 0, saying so, when the run never reached it).
     ``teacher="source"`` distils from the BN model the checkpoint was converted from (its history
-    names the source and the weights file).
+    names the source and the weights file). ``train_heads`` (detectors only) also trains the heads
+    that conversion did not change, which otherwise stay frozen.
     """
 
     data: str | None = field(default=None, metadata=NOT_IN_RECIPES)
@@ -63,6 +64,7 @@ class FinetuneOptions:
     teacher_weights: str | None = field(default=None, metadata=NOT_IN_RECIPES)
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
+    train_heads: bool = False
     hflip: float = 0.5
     min_crop_scale: float = 0.5
     seed: int = 0

@@ -86,5 +86,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch on ``device``; with ``channels_last``, images (N, C, H, W) in channels_last and clips
+    (N, C, T, H, W) in channels_last_3d (the 2-d format raises on a 5-d tensor)."""
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if not channels_last or images.dim() not in formats:
+        return images
+    return images.contiguous(memory_format=formats[images.dim()])

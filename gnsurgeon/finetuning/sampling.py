@@ -10,7 +10,7 @@ come from two rules:
   does not depend on which worker loads it or where a run was resumed (:class:`SeededSamples`).
 
 Stage: finetune's input pipeline. It imports :mod:`gnsurgeon.data`, :mod:`gnsurgeon.errors` and
-:mod:`gnsurgeon.finetuning.options`.
+the finetune modules ``options`` and ``tasks`` (which folder a task reads, and how).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..data import ImageFolderData, collate_skip_broken, eval_transform, train_transform
+from ..data import ClipFolderData, ImageFolderData, collate_skip_broken
 from ..errors import GNSurgeonError
-from ..models import DataConfig
 from .options import FinetuneOptions
+from .tasks import Task
 
 __all__ = [
     "EpochSampler",
@@ -42,40 +42,47 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Folders:
-    """The training folder (augmented) and the optional validation folder (evaluation transform)."""
+    """The training folder (augmented) and the optional validation folder (evaluation transform):
+    image folders, or clip folders for video (:meth:`~.tasks.Task.dataset`). ``labeled``: the
+    folder has classes *and* the task uses them (segmentation and detection distil only)."""
 
-    train: ImageFolderData
-    val: ImageFolderData | None
-
-    @property
-    def labeled(self) -> bool:
-        return self.train.labeled
+    train: ImageFolderData | ClipFolderData
+    val: ImageFolderData | ClipFolderData | None
+    labeled: bool
 
 
-def open_folders(options: FinetuneOptions, config: DataConfig) -> Folders:
-    """Training and validation folders, with the checkpoint's transforms; labels must agree."""
+def open_folders(options: FinetuneOptions, task: Task) -> tuple[Folders, list[str]]:
+    """Training and validation folders read as ``task`` reads them; labels must agree. Also returns
+    notes (class folders that a dense task does not use as labels)."""
     o = options
     if o.val is not None and not Path(o.val).is_dir():
         raise GNSurgeonError(f"--val folder {o.val} does not exist")
-    augment = train_transform(config, hflip=o.hflip, scale=(o.min_crop_scale, 1.0))
-    train = ImageFolderData(o.data, augment)
+    train = task.dataset(o.data, train=True)
+    notes = []
+    if task.needs_teacher and not o.teacher:
+        raise GNSurgeonError(
+            f"a {task.kind} model fine-tunes by distillation from its BN original: give --teacher source "
+            "(or --teacher SOURCE --teacher-weights FILE)"
+        )
+    if train.labeled and not task.uses_labels:
+        notes.append(f"the class sub-folders of {o.data} are not labels for a {task.kind} model: distillation only")
     if not train.labeled and not o.teacher:
         raise GNSurgeonError(f"data folder {o.data} has no class sub-folders (no labels): give --teacher to distill")
-    if len(train.classes) == 1:  # CE would teach the model to answer that one class, whatever it sees
+    if len(train.classes) == 1 and task.uses_labels:  # CE would teach the model that one class, whatever it sees
         only = train.classes[0]
         raise GNSurgeonError(
             f"data folder {o.data} has one class folder ({only}): cross-entropy on one class teaches nothing but "
             f"that class; give two or more class folders, or --data {Path(o.data) / only} --teacher ... to "
             "distill on its images without labels"
         )
-    val = ImageFolderData(o.val, eval_transform(config)) if o.val else None
+    val = task.dataset(o.val, train=False) if o.val else None
     val_classes = val.classes if val else []
-    if train.labeled and val_classes and val_classes != train.classes:
+    if train.labeled and task.uses_labels and val_classes and val_classes != train.classes:
         raise GNSurgeonError(
             f"--val folder {o.val} has classes {val_classes[:5]}..., the training folder "
             f"{train.classes[:5]}...: they must be the same"
         )
-    return Folders(train, val)
+    return Folders(train, val, train.labeled and task.uses_labels), notes
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -42,7 +42,8 @@ class RunSettings:
     the checkpoint history entry and the training state's trajectory.
 
     ``kd_temperature``/``kd_weight`` are None without a teacher (they play no part); ``momentum`` is
-    None for AdamW; ``amp`` is the autocast dtype's name ("bfloat16", "float16") or None.
+    None for AdamW; ``amp`` is the autocast dtype's name ("bfloat16", "float16") or None. ``task``
+    is what the model trains as (:mod:`.tasks`); ``train_heads`` is None except for detection.
     """
 
     train_images: int
@@ -67,9 +68,11 @@ class RunSettings:
     teacher_from: str | None
     kd_temperature: float | None
     kd_weight: float | None
+    train_heads: bool | None
     hflip: float
     min_crop_scale: float
     seed: int
+    task: str
     amp: str | None
     device: str
     channels_last: bool
@@ -77,8 +80,9 @@ class RunSettings:
     params: ParamCounts
 
     # These change how fast the weights are computed, not what they are: a run may resume on
-    # another device, with channels_last or compile switched, and still be the same run.
-    NOT_TRAJECTORY: ClassVar[tuple[str, ...]] = ("device", "channels_last", "compile", "params")
+    # another device, with channels_last or compile switched, and still be the same run. (The task
+    # follows from the checkpoint, which a resumed run reads again.)
+    NOT_TRAJECTORY: ClassVar[tuple[str, ...]] = ("device", "channels_last", "compile", "params", "task")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -106,6 +110,8 @@ class RunSettings:
 def resolve_settings(
     options: FinetuneOptions,
     *,
+    task: str = "classification",
+    train_heads: bool | None = None,
     train_images: int,
     classes: int,
     labeled: bool,
@@ -115,8 +121,9 @@ def resolve_settings(
     teacher_from: str | None,
     params: ParamCounts,
 ) -> RunSettings:
-    """The run's settings from validated ``options`` and what setup found: the training folder's size,
-    classes and labels, the number of processes, this process's device (``cuda_bf16``: whether that
+    """The run's settings from validated ``options`` and what setup found: the task (and its
+    ``train_heads`` setting, detection only), the training folder's size, classes and labels
+    (whether the task uses them), the number of processes, this process's device (``cuda_bf16``: whether that
     CUDA device computes in bfloat16), the teacher's description and the parameter groups' sizes.
 
     The rules: the run is ``steps`` optimizer steps, else ``epochs`` (default 1) passes over this
@@ -159,9 +166,11 @@ def resolve_settings(
         teacher_from=teacher_from,
         kd_temperature=o.kd_temperature if o.teacher else None,
         kd_weight=o.kd_weight if o.teacher else None,
+        train_heads=train_heads,
         hflip=o.hflip,
         min_crop_scale=o.min_crop_scale,
         seed=o.seed,
+        task=task,
         amp=_amp_name(o.amp, device, cuda_bf16),
         device=str(device),
         channels_last=o.channels_last if o.channels_last is not None else device.type == "cuda",

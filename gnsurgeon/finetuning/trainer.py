@@ -1,7 +1,8 @@
 """The fine-tuning run: :func:`finetune` sets up, resumes or evaluates, trains, evaluates, saves.
 
 :class:`Trainer` owns the order of things and the loop; the mechanics live in its collaborators:
-the networks (:class:`~.models.Models`), the optimizer, schedule and scaler
+the networks and the task they train as (:class:`~.models.Models`, :mod:`.tasks`: the loss and
+the evaluation of classifiers, video, segmentation and detection models), the optimizer, schedule and scaler
 (:class:`~.optimization.Optimization`), the data (:mod:`.sampling`), the training state
 (:class:`~.state.TrainingState`), the evaluation (:class:`~.evaluation.Validation`) and the metrics
 file, loss window, progress bar and save clock (:mod:`.monitoring`). Every setting it trains with
@@ -11,8 +12,8 @@ The loss is checked once per log window and the weights before every state save:
 the run with :class:`NonFiniteLossError`, the output unwritten and the last good state kept.
 
 Stage: finetune's driver. It imports :mod:`gnsurgeon.checkpoint`, :mod:`gnsurgeon.data`,
-:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files`, :mod:`gnsurgeon.metrics`, :mod:`gnsurgeon.outputs`,
-:mod:`gnsurgeon.provenance` and every other finetune module.
+:mod:`gnsurgeon.errors`, :mod:`gnsurgeon.files`, :mod:`gnsurgeon.provenance` and every other
+finetune module.
 """
 
 from __future__ import annotations
@@ -26,22 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointInfo, history_entry, read_checkpoint, save
 from ..data import BrokenImages
 from ..errors import GNSurgeonError
 from ..files import check_output
-from ..metrics import kl_divergence
-from ..outputs import AUX_WEIGHT
 from ..provenance import rebase_history
 from .evaluation import Validation
 from .models import Models, all_finite
 from .monitoring import MetricsLog, ProgressBar, TrainClock, Window
 from .optimization import Optimization, count_params, param_groups
 from .options import FinetuneOptions, NonFiniteLossError
-from .processes import Processes, setup_processes, to_device
+from .processes import Processes, autocast, setup_processes, to_device
 from .report import FinetuneReport
 from .sampling import EpochSampler, SeededSamples, make_loader, micro_batches, open_folders
 from .settings import resolve_settings
@@ -73,8 +71,8 @@ def finetune(
         # Refused, not overwritten: the input is what --resume and --teacher source read again.
         raise GNSurgeonError(f"-o {output} is the input checkpoint; write the fine-tuned model to another file")
     info = read_checkpoint(checkpoint)
-    if info.data_config.task != "classification":
-        raise GNSurgeonError(f"checkpoint {checkpoint} is a {info.data_config.task} model; finetune trains classifiers")
+    if not Path(options.data).is_dir():
+        raise GNSurgeonError(f"data folder {options.data} does not exist")
     proc = setup_processes(options.device)
     try:
         trainer = Trainer(RunFiles.of(checkpoint, output, options), options, info, proc, model)
@@ -111,11 +109,16 @@ class Trainer:
         self.options = options
         self.info = info
         self.proc = proc
-        self.folders = open_folders(options, info.data_config)
-        self.models = Models.open(files.checkpoint, info, options, base, proc.device, self.folders)
+        self.models = Models.open(files.checkpoint, info, options, base, proc.device)
+        task = self.models.task
+        self.folders, self.notes = open_folders(options, task)
+        task.check(self.models.student, self.models.teacher, len(self.folders.train.classes), proc.device)
+        self.notes += task.prepare(self.models.student, info.plan, options)
         groups = param_groups(self.models.student, options.resolved_weight_decay(), options.norm_weight_decay)
         self.settings = resolve_settings(
             options,
+            task=task.kind,
+            train_heads=task.train_heads(),
             train_images=len(self.folders.train),
             classes=len(self.folders.train.classes),
             labeled=self.folders.labeled,
@@ -127,12 +130,14 @@ class Trainer:
         )
         if self.settings.channels_last:
             self.models.to_channels_last()
+        task.channels_last = self.settings.channels_last
         self.optim = Optimization(groups, self.settings, self.models.student, proc.device)
         self.models.wrap(proc, self.settings.compile)
         self.log = MetricsLog(files.metrics if proc.main else None)
-        self.validation = Validation(self.folders.val, proc, options.eval_batch_size, options.workers, self.settings)
+        self.validation = Validation(
+            self.folders.val, proc, options.eval_batch_size, options.workers, self.settings, task
+        )
         self.broken: dict[str, None] = {}  # this rank's unreadable paths, in order met (an ordered set)
-        self.aux_heads = 0  # auxiliary heads the student's training forward returns (GoogLeNet: 2)
 
     # ------------------------------------------------------------------------------- the run
     def run(self, progress, callback: Callable[[dict], object] | None) -> FinetuneReport:
@@ -145,6 +150,7 @@ class Trainer:
             state_path=str(files.state),
             metrics_path=str(files.metrics),
             rank=proc.rank,
+            notes=list(self.notes),
         )
         torch.manual_seed(o.seed + proc.rank)
         random.seed(o.seed + proc.rank)
@@ -160,11 +166,7 @@ class Trainer:
             self._train(start_step, report, bar, callback)
         report.after, _ = self.validation.run(self.models, self.log, "after", self.settings.total_steps)
         report.broken_images = merge_broken(proc, self.broken)
-        if self.aux_heads:
-            report.notes.append(
-                f"the model returns {self.aux_heads} auxiliary head(s) in training mode (GoogLeNet/Inception): "
-                f"each was trained with the same loss, weighted {AUX_WEIGHT:g} (GoogLeNet's weighting)"
-            )
+        report.notes += self.models.task.run_notes()
         if proc.main:
             self._save_output(report)
         proc.barrier()
@@ -226,7 +228,8 @@ class Trainer:
         self.optim.step()
 
     def _micro_step(self, images, labels) -> tuple[torch.Tensor, int]:
-        """Forward + backward of one micro-batch; returns (loss, ce, kd) detached and the image count."""
+        """Forward + backward of one micro-batch (the task's loss, :meth:`~.tasks.Task.loss`, under
+        autocast); returns (loss, ce, kd) detached and the image count."""
         o, device = self.options, self.proc.device
         weight = 1.0
         if images is None:  # every image unreadable: a zero-weighted step keeps processes in lockstep
@@ -236,23 +239,11 @@ class Trainer:
         n = int(weight) * len(labels)
         images = to_device(images, device, self.settings.channels_last)
         labels = labels.to(device, non_blocking=True)
-        logits, teacher_logits = self.models.forward(images, device, self.settings.amp_dtype)
-        ce, kd = self._losses(logits.main, labels, teacher_logits)
-        loss = ce + o.kd_weight * kd
-        self.aux_heads = len(logits.aux)
-        for aux in logits.aux:  # GoogLeNet/Inception in train mode: the same loss on each aux head, x 0.3
-            aux_ce, aux_kd = self._losses(aux, labels, teacher_logits)
-            loss = loss + AUX_WEIGHT * (aux_ce + o.kd_weight * aux_kd)
-        self.optim.backward(loss * (weight / o.grad_accum))
-        return torch.stack([loss.detach(), ce.detach(), kd.detach()]).double() * weight, n
-
-    def _losses(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None):
-        """``(ce, kd)`` of one head's logits: cross-entropy on the labels (0 without), KD from the
-        teacher's logits (0 without a teacher)."""
-        o, zero = self.options, torch.zeros((), device=logits.device)
-        ce = F.cross_entropy(logits, labels, label_smoothing=o.label_smoothing) if self.settings.labeled else zero
-        kd = kl_divergence(logits, teacher_logits, o.kd_temperature) if teacher_logits is not None else zero
-        return ce, kd
+        models = self.models
+        with autocast(device, self.settings.amp_dtype):
+            parts = models.task.loss(models.train_model, models.teacher, images, labels, self.settings.labeled)
+        self.optim.backward(parts.loss * (weight / o.grad_accum))
+        return torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()]).double() * weight, n
 
     def _flush(
         self, window: Window, done: int, report: FinetuneReport, clock: TrainClock, timer: float, bar: ProgressBar
