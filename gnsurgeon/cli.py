@@ -394,6 +394,9 @@ Atol = Annotated[float, typer.Option("--atol", help="Absolute error allowed ever
 Rtol = Annotated[float, typer.Option("--rtol", help="Per-GN-layer relative error, scaled by kappa*sqrt(group size).")]
 ModelRtol = Annotated[float, typer.Option("--model-rtol", help="Relative error allowed on whole-model outputs.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only failing layers and the summary.")]
+Threads = Annotated[
+    int, typer.Option("--threads", help="onnxruntime threads for the checks and auto's timing (0: its default).")
+]
 
 
 def _onnx_options(cls, values: dict):
@@ -421,11 +424,29 @@ def export_onnx_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 18, 21 for native GN).")] = None,
     gn_op: Annotated[
-        str, typer.Option("--gn-op", help="decomposed (InstanceNormalization, default) or native (GroupNormalization).")
-    ] = "decomposed",
+        str,
+        typer.Option(
+            "--gn-op",
+            help="auto (default: the fastest form the installed onnxruntime computes exactly), decomposed "
+            "(InstanceNormalization), layernorm (LayerNormalization over the groups) or native (GroupNormalization).",
+        ),
+    ] = "auto",
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch axis (default) or batch 1.")
     ] = True,
+    dynamic_size: Annotated[
+        bool | None,
+        typer.Option(
+            "--dynamic-size/--static-size", help="Dynamic H and W (default for segmentation and detection models)."
+        ),
+    ] = None,
+    center_groups: Annotated[
+        bool,
+        typer.Option(
+            "--center-groups", help="Subtract each GN's per-group input mean in its producer's bias, where exact."
+        ),
+    ] = False,
+    threads: Threads = 0,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -484,6 +505,7 @@ def verify_onnx_command(
     atol: Atol = 1e-5,
     rtol: Rtol = 1e-6,
     model_rtol: ModelRtol = 1e-4,
+    threads: Threads = 0,
     json_out: JsonOut = None,
     quiet: Quiet = False,
 ) -> None:
