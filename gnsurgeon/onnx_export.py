@@ -67,6 +67,7 @@ from .plan import Action, LayerPlan, Plan, Selection
 from .probe import flatten_outputs, make_probe_input
 from .sources import SourceOptions, open_source
 from .surgery import apply_plan, make_plan, module_paths, replace_module
+from .verdicts import LayerMismatch
 
 GN_OPS = ("auto", *FORMS)
 MIN_OPSET = 18  # torch.onnx's dynamo exporter starts at 18
@@ -120,11 +121,6 @@ class ExportOptions:
         if torchscript or (self.opset is not None and self.opset < NATIVE_MIN_OPSET):
             return tuple(f for f in FORMS if f != "native")
         return FORMS
-
-    def resolved_opset(self) -> int:
-        """The opset of an explicit ``gn_op`` (auto: of the decomposed form), after :meth:`validate`."""
-        self.validate()
-        return self.opset_for(self.gn_op)
 
 
 @dataclass
@@ -466,9 +462,10 @@ def export_onnx(
 
     ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for opening the source
     (weights, constructor kwargs, ``input_size``). GN is written as ``options.gn_op`` says (``auto``:
-    chosen on the installed onnxruntime), BN is folded, the graph checked with ``onnx.checker``, then
-    verified (``options.verify``). The file is written only when verification passes, or with
-    ``options.force``; ``report.ok`` says which.
+    chosen on the installed onnxruntime; when the model's own GN layers then fail the per-layer check,
+    the next form that passed auto's probe is exported and verified instead, and the reason says so),
+    BN is folded, the graph checked with ``onnx.checker``, then verified (``options.verify``). The
+    file is written only when verification passes, or with ``options.force``; ``report.ok`` says which.
     """
     options = options or ExportOptions()
     options.validate()
@@ -488,34 +485,57 @@ def export_onnx(
     report.timings["fold"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     report.lowering = _lowering(options, group_norms, not dynamic_size, torchscript)
-    form = report.lowering.form
     report.timings["choose"] = round(time.perf_counter() - start, 3)
+    report.graph = ExportedGraph(0, "", options.dynamic_batch and not torchscript, [], dynamic_size,
+                                 "torchscript" if torchscript else "dynamo", group_norms)  # fmt: skip
+    while True:
+        proto = _export_form(prepared, reference, example, config, options, report)
+        failure = _layer_failure_summary(report.verification)
+        if report.ok or not failure or not report.lowering.fallbacks():
+            break
+        report.lowering.reject(failure)
+    if report.ok or options.force:
+        _save(proto, output, report)
+    return report
 
+
+def _export_form(prepared: nn.Module, reference: nn.Module, example, config, options: ExportOptions, report):
+    """Export ``prepared`` with GN as ``report.lowering.form``, check the graph, record the choice in
+    the file's metadata, verify it against ``reference``; fills ``report`` and returns the proto."""
+    graph, form = report.graph, report.lowering.form
     start = time.perf_counter()
-    dynamic_batch = options.dynamic_batch and not torchscript
     proto = export_model(prepared, example, opset=options.opset_for(form), gn_op=form,
-                         dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, name=str(source))  # fmt: skip
-    report.timings["export"] = round(time.perf_counter() - start, 3)
+                         dynamic_batch=graph.dynamic_batch, dynamic_size=graph.dynamic_size,
+                         name=report.source)  # fmt: skip
+    report.timings["export"] = round(report.timings.get("export", 0) + time.perf_counter() - start, 3)
     start = time.perf_counter()
-    checker, counts = _check_graph(proto, form, group_norms)
-    report.timings["check"] = round(time.perf_counter() - start, 3)
+    graph.checker, graph.op_counts = _check_graph(proto, form, graph.group_norms)
+    report.timings["check"] = round(report.timings.get("check", 0) + time.perf_counter() - start, 3)
     size = list(config.input_size)
-    if dynamic_size:
+    if graph.dynamic_size:
         size[-2:] = ["height", "width"]
-    batch = [] if torchscript else ["batch" if dynamic_batch else 1]
-    report.graph = ExportedGraph(options.opset_for(form), form, dynamic_batch, [*batch, *size], dynamic_size,
-                                 "torchscript" if torchscript else "dynamo", group_norms, counts, checker)  # fmt: skip
+    batch = [] if graph.exporter == "torchscript" else ["batch" if graph.dynamic_batch else 1]
+    graph.opset, graph.gn_op, graph.input_shape = options.opset_for(form), form, [*batch, *size]
     centred = str(sum(r["action"] == "centred" for r in report.centring)) if options.center_groups else "off"
     for key, value in choice_metadata(report.lowering, center_groups=centred).items():
         proto.metadata_props.add(key=key, value=value)
     if options.verify:
         start = time.perf_counter()
-        report.verification = verify_model(proto, reference, config, options.checks, source=str(source))
-        report.verification.onnx_file = str(output)
-        report.timings["verify"] = round(time.perf_counter() - start, 3)
-    if report.ok or options.force:
-        _save(proto, output, report)
-    return report
+        report.verification = verify_model(proto, reference, config, options.checks, source=report.source)
+        report.verification.onnx_file = report.output
+        report.timings["verify"] = round(report.timings.get("verify", 0) + time.perf_counter() - start, 3)
+    return proto
+
+
+def _layer_failure_summary(verification: VerifyReport | None) -> str:
+    """"3 layer(s): a, b, c" when every failure is a GN layer's (a form the runtime computes badly on
+    this model's layers), else "" (a whole-model or checker failure: another form would not help)."""
+    if verification is None or verification.ok:
+        return ""
+    if any(not isinstance(f, LayerMismatch) for f in verification.failures):
+        return ""
+    layers = list(dict.fromkeys(verification.failed_layers))
+    return f"{len(layers)} layer(s): {', '.join(layers[:3])}" + (", ..." if len(layers) > 3 else "")
 
 
 def _save(proto, output: Path, report: ExportReport) -> None:

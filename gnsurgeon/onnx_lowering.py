@@ -23,9 +23,11 @@ Whether a runtime computes a lowering exactly is a property of that runtime's ve
 default, ``auto``, asks the runtime that is installed: it writes each candidate for one small GN
 (64 channels, 32 groups, 56x56: a ResNet stage-1 layer), runs verification's stress inputs through it
 (:func:`gnsurgeon.onnx_verify.stress_inputs`, the per-layer tolerance) and a short interleaved timing
-at the thread count asked, and picks the fastest that passes (a candidate listed earlier wins within
-:data:`TIE` of the fastest: timing noise must not flip the file between two exact forms). The choice,
-its reason and the onnxruntime version go into the file's metadata (:func:`choice_metadata`).
+at the thread count asked, and picks the fastest that passes. Within :data:`TIE` of the fastest, the
+candidate with the most margin on the stress inputs wins: timing noise must not decide between two
+forms when one is clearly more accurate. The choice, its reason and the onnxruntime version go into
+the file's metadata (:func:`choice_metadata`); :meth:`LoweringChoice.fallbacks` lists what
+``export-onnx`` tries next when the model's own layers fail the chosen form.
 
 One lowering, three writers: :func:`lower_group_norm` calls ``emit(op_type, *inputs, **attributes)``
 once per node; the dynamo exporter (onnxscript ops, :func:`dynamo_translation`), the TorchScript
@@ -81,10 +83,10 @@ __all__ = [
     "torchscript_symbolic",
 ]
 
-FORMS = ("decomposed", "layernorm", "native")  # also auto's order of preference within TIE
+FORMS = ("decomposed", "layernorm", "native")
 PROBE_SHAPE = (64, 56, 56)  # one sample of auto's probe GN: ResNet stage 1
 PROBE_GROUPS = 32
-TIE = 0.05  # within 5 % of the fastest, the candidate listed first in FORMS wins
+TIE = 0.05  # within 5 % of the fastest, the candidate with the most stress margin wins
 Emit = Callable[..., Any]
 
 
@@ -274,6 +276,13 @@ class Candidate:
     problem: str = ""  # why it failed, in words
     ms: float | None = None  # median time of one batch-1 run of the probe GN
 
+    @property
+    def margin(self) -> float:
+        """Worst error / its limit over the probe's inputs (lower: more accurate); inf when failed."""
+        if not self.passed or self.worst_error is None or not self.worst_limit:
+            return float("inf")
+        return self.worst_error / self.worst_limit
+
 
 @dataclass
 class LoweringChoice:
@@ -285,6 +294,23 @@ class LoweringChoice:
     onnxruntime: str = ""  # the version the choice (or the verification) was made with
     threads: int = 0  # 0: onnxruntime's default
     candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # forms the model's own layers failed, in order
+
+    def fallbacks(self) -> list[str]:
+        """The other forms that passed the probe, fastest first: what auto tries when the model's own
+        GN layers fail the chosen one (they have other shapes and statistics than the probe)."""
+        if self.requested != "auto":
+            return []
+        passing = sorted((c for c in self.candidates if c.passed and c.ms is not None), key=lambda c: c.ms)
+        return [c.form for c in passing if c.form != self.form and c.form not in self.rejected]
+
+    def reject(self, failure: str) -> str:
+        """Drop the current form (its verification failed: ``failure``) for the next fallback; returns it."""
+        following = self.fallbacks()[0]
+        self.rejected.append(self.form)
+        self.reason += f"; {self.form} failed the per-layer check on this model ({failure}), so {following}"
+        self.form = following
+        return following
 
     def to_dict(self) -> dict:
         return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
@@ -406,14 +432,14 @@ def choose_lowering(
         choice.reason = f"auto: no lowering passed the stress check on {where} ({failed}); decomposed kept"
         return choice
     fastest = min(c.ms for c in passing)
-    pick = next(c for c in passing if c.ms <= fastest * (1 + TIE))
+    pick = min((c for c in passing if c.ms <= fastest * (1 + TIE)), key=lambda c: (c.margin, c.ms))
     times = ", ".join(f"{c.form} {c.ms:.3f} ms" for c in sorted(passing, key=lambda c: c.ms))
     shape = "x".join(map(str, PROBE_SHAPE))
     choice.form = pick.form
     choice.reason = (
         f"auto: the fastest lowering that passes the stress check on {where} "
         f"(one GN 1x{shape}, G={PROBE_GROUPS}: {times}"
-        + (f"; within {TIE:.0%} the one listed first wins" if pick.ms > fastest else "")
+        + (f"; within {TIE:.0%} of the fastest, the one with the most stress margin wins" if pick.ms > fastest else "")
         + (f"; {failed}" if failed else "")
         + ")"
     )

@@ -20,10 +20,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from gnsurgeon import load, onnx_verify
+from gnsurgeon import load, onnx_export, onnx_verify
 from gnsurgeon.cli import app
 from gnsurgeon.onnx_export import export_model, fold_for_export
 from gnsurgeon.onnx_graph import SCOPES_KEY, export_metadata
+from gnsurgeon.onnx_lowering import Candidate, LoweringChoice
 from gnsurgeon.onnx_verify import VerifyOptions, stress_inputs, verify_model
 from gnsurgeon.sources import DataConfig
 
@@ -202,6 +203,24 @@ def test_verify_fails_loudly_when_this_runtime_breaks_the_chosen_lowering(resnet
     assert f"in the layernorm lowering ({chosen}) on onnxruntime 1.22.1" in text
     assert f"verified with onnxruntime {ort.__version__}; re-checked here on onnxruntime 1.22.1" in text
     assert "Traceback" not in text
+
+
+def test_auto_tries_the_next_form_when_the_models_own_layers_fail_the_first(resnet, tmp_path, monkeypatch):
+    """auto's probe passed layernorm, but this model's layers fail it on this runtime (imitated): the
+    export falls back to the next form that passed the probe, and says why in report and file."""
+    _, checkpoint, _, _ = resnet
+    probed = [Candidate("layernorm", 18, True, ms=1.0), Candidate("decomposed", 18, True, ms=2.0)]
+    choice = LoweringChoice("auto", "layernorm", "auto: probe", "x", 0, probed)
+    monkeypatch.setattr(onnx_export, "choose_lowering", lambda *a, **k: choice)
+    monkeypatch.setattr(onnx_verify, "runtime_session", old_runtime(onnx_verify.runtime_session))
+    result, out, data = export(tmp_path, checkpoint, "fallback")
+    assert result.exit_code == 0, result.output
+    lowering = data["lowering"]
+    assert (data["gn_op"], lowering["form"], lowering["rejected"]) == ("decomposed", "decomposed", ["layernorm"])
+    assert "layernorm failed the per-layer check on this model (15 layer(s): conv1.1, " in lowering["reason"]
+    assert lowering["reason"].endswith("so decomposed")
+    assert "InstanceNormalization" in ops(out) and "LayerNormalization" not in ops(out)
+    assert export_metadata(onnx.load(str(out)))["gn_op_reason"] == lowering["reason"]
 
 
 def test_groupnormact_model_in_both_modes(effnet):
