@@ -40,7 +40,7 @@ from fold_latency import with_trained_statistics  # noqa: E402  (same folder)
 
 import gnsurgeon
 from gnsurgeon.onnx_export import center_groups, export_model, fold_for_export
-from gnsurgeon.onnx_lowering import FORMS, choose_lowering
+from gnsurgeon.onnx_lowering import FORMS, choose_lowering, lower_group_norm
 from gnsurgeon.onnx_verify import VerifyOptions, verify_model
 from gnsurgeon.sources import DataConfig
 
@@ -99,6 +99,47 @@ def kernel_ms_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> 
     return dict(totals)
 
 
+def _ops():
+    import onnxscript
+
+    def emit(op_type: str, *inputs, **attributes):
+        out = getattr(onnxscript.opset18, op_type)(*inputs, **attributes)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return onnxscript.opset18, emit
+
+
+def ln_affine_in_scale(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """Tried: LayerNormalization over (N, G, C/G, H·W) with γ/β as its broadcast scale and bias
+    (shape (G, C/G, 1)): no separate affine node at all."""
+    op, _ = _ops()
+    n, c, h, w = input.shape
+    x = op.Reshape(input, op.Constant(value_ints=[0, num_groups, c // num_groups, h * w]))
+    shape = op.Constant(value_ints=[num_groups, c // num_groups, 1])
+    y = op.LayerNormalization(x, op.Reshape(weight, shape), op.Reshape(bias, shape), axis=2, epsilon=eps)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return op.Reshape(y, op.Constant(value_ints=[0, c, h, w]))
+
+
+def ln_mul_add(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """Tried: the layernorm form with a Mul/Add affine instead of the depthwise 1x1 Conv."""
+    op, emit = _ops()
+    y = lower_group_norm(emit, input, list(input.shape), num_groups, eps, form="layernorm", static=True)
+    shape = op.Constant(value_ints=[input.shape[1], 1, 1])
+    return op.Add(op.Mul(y, op.Reshape(weight, shape)), op.Reshape(bias, shape))
+
+
+def export_variant(model, x, translation, path: Path) -> None:
+    program = torch.onnx.export(
+        model, (torch.cat([x, x]),), dynamo=True, opset_version=18, dynamic_shapes=({0: torch.export.Dim("batch")},),
+        input_names=["input"], custom_translation_table={torch.ops.aten.group_norm.default: translation}, verbose=False,
+    )  # fmt: skip
+    path.write_bytes(program.model_proto.SerializeToString())
+
+
+VARIANTS = {"layernorm, γ/β in its scale": ln_affine_in_scale, "layernorm, Mul/Add affine": ln_mul_add}
+
+
 def stress_verdict(report) -> str:
     """The per-layer verdict in a few words: how many GN layers pass every stress input."""
     layers = report.layers
@@ -133,8 +174,9 @@ def stress_table(name: str, reports: dict) -> None:
     print("| whole model, random, batch 1 / 3 (max rel) | " + " | ".join(cells) + " |")
 
 
-def export_all(name: str, tmp: Path) -> tuple[dict[str, Path], dict[str, str], dict]:
-    """The BN-folded and every GN export of ``name``, each GN export's stress verdict and report."""
+def export_all(name: str, tmp: Path, variants: bool) -> tuple[dict[str, Path], dict[str, str], dict]:
+    """The BN-folded and every GN export of ``name``, each GN export's stress verdict and report;
+    with ``variants`` also the two forms tried and not kept (profiled only)."""
     x = torch.randn(1, 3, 224, 224)
     bn = with_trained_statistics(timm.create_model(name)).eval()
     gn = gnsurgeon.convert(bn).eval()
@@ -148,6 +190,10 @@ def export_all(name: str, tmp: Path) -> tuple[dict[str, Path], dict[str, str], d
         files[form].write_bytes(proto.SerializeToString())
         reports[form] = verify_model(proto, gn, CONFIG, VerifyOptions(threads=1))
         verdicts[form] = stress_verdict(reports[form])
+    if variants:
+        for label, translation in VARIANTS.items():
+            files[label] = tmp / f"{name}-{label.replace(' ', '_').replace('/', '')}.onnx"
+            export_variant(gn, x, translation, files[label])
     return files, verdicts, reports
 
 
@@ -155,7 +201,7 @@ def time_model(files: dict[str, Path], threads: list[int], batches: list[int], r
     """``{(batch, threads): {graph: (wall ms, cpu ms)}}``, every graph of one model interleaved."""
     out = {}
     for t in threads:
-        sessions = {k: session(p, t) for k, p in files.items()}
+        sessions = {k: session(p, t) for k, p in files.items() if k not in VARIANTS}
         for b in batches:
             feed = {"input": np.random.default_rng(b).standard_normal((b, 3, 224, 224)).astype(np.float32)}
             runners = [lambda s=s, feed=feed: s.run(None, feed) for s in sessions.values()]
@@ -275,7 +321,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gnsurgeon-onnx-bench-"))
     results, verdicts, profiles, stress = {}, {}, {}, {}
     for name in args.models.split(","):
-        files, verdicts[name], reports = export_all(name, tmp)
+        files, verdicts[name], reports = export_all(name, tmp, not args.no_profile and name in PROFILED)
         if name == STRESS_MODEL:
             stress = reports
         results[name] = time_model(files, threads, batches, args.rounds)
