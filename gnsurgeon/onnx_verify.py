@@ -168,12 +168,13 @@ class VerifyReport:
     def _lowering_words(self, failed: set[str]) -> str:
         """"in the layernorm lowering (chosen by auto with onnxruntime 1.32.0) on onnxruntime 1.22.1":
         which form broke, and on which runtime, for the headline."""
-        forms = sorted({r.get("form", "other") for r in self.layers if r["path"] in failed and not r["ok"]})
+        forms = sorted({r.get("form", "other") for r in self.layers if r["path"] in failed and not r["ok"]} - {"other"})
         meta = self.exported_with
         made = ""
         if meta.get("gn_op") in forms and meta.get("gn_op_requested") == "auto" and meta.get("onnxruntime"):
             made = f" (chosen by auto with onnxruntime {meta['onnxruntime']})"
-        return f"in the {'/'.join(forms)} lowering{made} on onnxruntime {_onnxruntime_version()}"
+        lowering = f"in the {'/'.join(forms)} lowering{made} " if forms else ""
+        return f"{lowering}on onnxruntime {_onnxruntime_version()}"
 
     def to_dict(self) -> dict:
         opts = self.options
