@@ -1,16 +1,23 @@
-"""onnxruntime latency of exported GN models against their BN originals (BN folded), in one run.
+"""onnxruntime latency of GN models against their BN originals (BN folded), every GN lowering, in one run.
 
-    .venv/bin/python benchmarks/onnx_latency.py [--repeats 15] [--threads 1] [--no-end-to-end]
+    .venv/bin/python benchmarks/onnx_latency.py [--rounds 6] [--threads 1,2] [--batches 1,8]
+        [--models resnet18,resnet50,mobilenetv3_large_100] [--no-profile] [--no-centring] [--no-end-to-end]
 
-For resnet50 and mobilenetv3_large_100 (random init, BN statistics randomised as a trained model's
-would be; GN converted from it with G = 32): the BN model exported with every BN folded into its conv,
-the GN model exported three ways (gnsurgeon's default decomposition with a depthwise-conv affine,
-torch.onnx's own Reshape/InstanceNormalization/Mul/Add lowering, native GroupNormalization), and
-PyTorch eager for both. Batch 1, 224x224, CPU, medians of round-robin runs, wall and process CPU
-time; at one thread (the default) the CPU time is the idle-machine latency even on a shared machine
-and the ratios come from it, with more threads from wall time. Prints
-Markdown tables: latencies and ratios, then onnxruntime's profiled kernel time by operator (what the
-GN subgraph costs), then the end-to-end ``export_onnx`` time (export + verification) for resnet50.
+For each model (timm, random init, BN statistics randomised as a trained model's would be; GN
+converted from it with G = 32): the BN model exported with every BN folded into its conv, and the GN
+model exported in every lowering (:mod:`gnsurgeon.onnx_lowering`: decomposed, layernorm, native).
+Each GN export is verified once, per layer, on verification's stress inputs: the "stress check"
+column. ``auto`` is run at each thread count as ``export-onnx`` runs it; its pick is the default.
+
+Latency: for each thread count and batch (224x224, CPU), all graphs of one model are timed
+round-robin in one process (each turn: a pause, one untimed run, two timed runs), medians over the
+rounds. Ratios GN / BN folded come from process CPU time at 1 thread (other jobs on a shared machine
+stretch wall time, not CPU time) and from wall time at more threads. Then resnet50's per-input
+stress errors in each lowering, onnxruntime's profiled
+kernel time by operator (batch 1, every thread count) for the BN graph and the GN lowerings of
+resnet50 and mobilenetv3_large_100; then what ``--center-groups`` buys the native op on activations
+with a large per-group mean; then the end-to-end ``export_onnx`` time for a resnet50 checkpoint.
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -32,26 +39,20 @@ import torch
 from fold_latency import with_trained_statistics  # noqa: E402  (same folder)
 
 import gnsurgeon
-from gnsurgeon.onnx_export import export_model, fold_for_export
+from gnsurgeon.onnx_export import center_groups, export_model, fold_for_export
+from gnsurgeon.onnx_lowering import FORMS, choose_lowering, lower_group_norm
+from gnsurgeon.onnx_verify import VerifyOptions, verify_model
+from gnsurgeon.sources import DataConfig
 
-MODELS = ["resnet50", "mobilenetv3_large_100"]
-PROFILED_OPS = ["Conv", "InstanceNormalization", "Reshape", "ReorderInput", "ReorderOutput", "Mul", "Add", "Relu"]
-
-
-def torchlib_export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.onnx's own GN lowering at opset 18: Reshape -> InstanceNormalization -> Reshape -> Mul -> Add."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (torch.cat([example, example]),),
-            dynamo=True,
-            opset_version=18,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            input_names=["input"],
-            verbose=False,
-        )
-    program.save(str(path))
+MODELS = ["resnet18", "resnet50", "mobilenetv3_large_100"]
+PROFILED = ["resnet50", "mobilenetv3_large_100"]
+STRESS_MODEL = "resnet50"  # its per-input stress table is printed
+OPSETS = {"decomposed": 18, "layernorm": 18, "native": 21}
+PROFILED_OPS = [
+    "Conv", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Reshape", "ReorderInput",
+    "ReorderOutput", "Mul", "Add", "ReduceMean", "Sub", "Sqrt", "Div",
+]  # fmt: skip
+CONFIG = DataConfig(input_size=(3, 224, 224))
 
 
 def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
@@ -62,15 +63,13 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latencies_ms(runners: list, repeats: int) -> list[tuple[float, float]]:
+def latencies_ms(runners: list, rounds: int) -> list[tuple[float, float]]:
     """Median ``(wall, process CPU)`` ms per run for each runner, timed round-robin so that machine
-    drift hits all alike. Each turn pauses (the previous runner's spinning onnxruntime / OpenMP threads
-    park), runs once untimed, then times two runs. With one thread the CPU time is the latency the run
-    would have on an idle machine: other jobs on a shared machine stretch the wall time, not it.
-    """
+    drift hits all alike. Each turn pauses (the previous runner's spinning onnxruntime threads park),
+    runs once untimed, then times two runs."""
     wall: list[list[float]] = [[] for _ in runners]
     cpu: list[list[float]] = [[] for _ in runners]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for i, run in enumerate(runners):
             time.sleep(0.01)
             run()
@@ -84,9 +83,7 @@ def latencies_ms(runners: list, repeats: int) -> list[tuple[float, float]]:
 
 def kernel_ms_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
     """onnxruntime's profiled kernel time per operator type, ms per run (after its graph optimizations).
-
-    Per node the minimum over ``runs`` (contention only adds time), then summed by operator type.
-    """
+    Per node the minimum over ``runs`` (contention only adds time), then summed by operator type."""
     sess = session(path, threads, profile=True)
     for _ in range(runs):
         sess.run(None, {"input": x})
@@ -102,97 +99,247 @@ def kernel_ms_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> 
     return dict(totals)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="round-robin rounds (2 timed runs each)")
-    parser.add_argument("--threads", type=int, default=1, help="1: ratios from CPU time, immune to other jobs")
-    parser.add_argument("--no-end-to-end", action="store_true", help="skip timing export_onnx on resnet50")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(
-        f"onnxruntime {ort.__version__}, torch {torch.__version__}, CPU, {args.threads} threads, batch 1, "
-        f"224x224, {2 * args.repeats} runs each (round-robin), onnxruntime default graph optimizations; "
-        f"load average at start {os.getloadavg()[0]:.1f}\n"
-    )
-    rows, profiles = [], {}
-    tmp = Path(tempfile.mkdtemp(prefix="gnsurgeon-onnx-bench-"))
-    x = torch.randn(1, 3, 224, 224)
-    for name in MODELS:
-        bn = with_trained_statistics(timm.create_model(name)).eval()
-        gn = gnsurgeon.convert(bn).eval()
-        folded, _ = fold_for_export(bn, x)
-        files = {
-            "BN folded": tmp / f"{name}-bn.onnx",
-            "GN decomposed (default)": tmp / f"{name}-gn.onnx",
-            "GN decomposed, Mul/Add affine": tmp / f"{name}-gn-muladd.onnx",
-            "GN native (opset 21)": tmp / f"{name}-gn-native.onnx",
-        }
-        files["BN folded"].write_bytes(export_model(folded, x).SerializeToString())
-        files["GN decomposed (default)"].write_bytes(export_model(gn, x).SerializeToString())
-        torchlib_export(gn, x, files["GN decomposed, Mul/Add affine"])
-        native = export_model(gn, x, opset=21, gn_op="native")
-        files["GN native (opset 21)"].write_bytes(native.SerializeToString())
-        sessions = {k: session(p, args.threads) for k, p in files.items()}
-        feed = {"input": x.numpy()}
-        runners = [lambda s=s, feed=feed: s.run(None, feed) for s in sessions.values()]
-        with torch.inference_mode():
-            runners += [lambda m=bn: m(x), lambda m=gn: m(x)]
-            ms = latencies_ms(runners, args.repeats)
-        ort_ms = dict(zip(sessions, ms[: len(sessions)], strict=True))
-        eager_bn, eager_gn = ms[len(sessions) :]
-        k = 1 if args.threads == 1 else 0  # ratios from CPU time at 1 thread, else from wall time
-        base = ort_ms["BN folded"]
-        for graph, value in ort_ms.items():
-            eager = eager_bn if graph == "BN folded" else eager_gn
-            rows.append((name, graph, value, value[k] / base[k], eager, value[k] / eager[k]))
-        profiles[name] = {
-            k: kernel_ms_by_op(p, x.numpy(), args.threads)
-            for k, p in files.items()
-            if k in ("BN folded", "GN decomposed (default)", "GN decomposed, Mul/Add affine")
-        }
+def _ops():
+    import onnxscript
 
-    basis = "CPU time (1 thread: immune to other jobs)" if args.threads == 1 else "wall time"
-    print(f"Ratios from {basis}. Wall / CPU: medians in ms per batch-1 run.\n")
-    print("| model | ONNX graph | onnxruntime wall / CPU | / BN folded | PyTorch eager wall / CPU | ORT / eager |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, graph, value, ratio, eager, speedup in rows:
-        label = "BN eval" if graph == "BN folded" else "GN"
-        print(
-            f"| {name} | {graph} | {value[0]:.1f} / {value[1]:.1f} | {ratio:.2f} "
-            f"| {eager[0]:.1f} / {eager[1]:.1f} ({label}) | {speedup:.2f} |"
-        )
-    print(
-        "\nonnxruntime kernel time by operator, ms per batch-1 run (profiled after its graph optimizations; "
-        "per node the minimum of 20 runs):\n"
-    )
-    for name, by_graph in profiles.items():
+    def emit(op_type: str, *inputs, **attributes):
+        out = getattr(onnxscript.opset18, op_type)(*inputs, **attributes)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return onnxscript.opset18, emit
+
+
+def ln_affine_in_scale(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """Tried: LayerNormalization over (N, G, C/G, H·W) with γ/β as its broadcast scale and bias
+    (shape (G, C/G, 1)): no separate affine node at all."""
+    op, _ = _ops()
+    n, c, h, w = input.shape
+    x = op.Reshape(input, op.Constant(value_ints=[0, num_groups, c // num_groups, h * w]))
+    shape = op.Constant(value_ints=[num_groups, c // num_groups, 1])
+    y = op.LayerNormalization(x, op.Reshape(weight, shape), op.Reshape(bias, shape), axis=2, epsilon=eps)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return op.Reshape(y, op.Constant(value_ints=[0, c, h, w]))
+
+
+def ln_mul_add(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """Tried: the layernorm form with a Mul/Add affine instead of the depthwise 1x1 Conv."""
+    op, emit = _ops()
+    y = lower_group_norm(emit, input, list(input.shape), num_groups, eps, form="layernorm", static=True)
+    shape = op.Constant(value_ints=[input.shape[1], 1, 1])
+    return op.Add(op.Mul(y, op.Reshape(weight, shape)), op.Reshape(bias, shape))
+
+
+def export_variant(model, x, translation, path: Path) -> None:
+    program = torch.onnx.export(
+        model, (torch.cat([x, x]),), dynamo=True, opset_version=18, dynamic_shapes=({0: torch.export.Dim("batch")},),
+        input_names=["input"], custom_translation_table={torch.ops.aten.group_norm.default: translation}, verbose=False,
+    )  # fmt: skip
+    path.write_bytes(program.model_proto.SerializeToString())
+
+
+VARIANTS = {"layernorm, γ/β in its scale": ln_affine_in_scale, "layernorm, Mul/Add affine": ln_mul_add}
+
+
+def stress_verdict(report) -> str:
+    """The per-layer verdict in a few words: how many GN layers pass every stress input."""
+    layers = report.layers
+    bad = [r for r in layers if not r["ok"]]
+    if not bad:
+        return f"pass {len(layers)}/{len(layers)}"
+    nan = sum(any(c.get("max_abs") is None for c in r.get("cases", {}).values()) for r in bad)
+    return f"FAIL {len(bad)}/{len(layers)}" + (f" (NaN in {nan})" if nan else "")
+
+
+def stress_table(name: str, reports: dict) -> None:
+    """Per input, the worst GN layer's error in each lowering (onnxruntime vs PyTorch), and the
+    whole-model check on random inputs."""
+    forms = list(reports)
+    print(f"\nPer-layer stress results, {name} ({len(reports[forms[0]].layers)} GN layers, worst over layers):\n")
+    print("| input | " + " | ".join(forms) + " |")
+    print("|---|" + "---:|" * len(forms))
+    names = list(reports[forms[0]].layers[0]["cases"])
+    for case in names:
+        cells = []
+        for form in forms:
+            rows = [r["cases"][case] for r in reports[form].layers if case in r.get("cases", {})]
+            nan = sum(c.get("max_abs") is None for c in rows)
+            over = sum(not c["ok"] for c in rows)
+            finite = [c["max_abs"] for c in rows if c.get("max_abs") is not None]
+            cell = f"{max(finite):.1e}" if finite else ""
+            cell += f"{', ' if cell else ''}NaN in {nan}/{len(rows)}" if nan else ""
+            cell += f"; {over}/{len(rows)} over limit" if over > nan else ""
+            cells.append(cell)
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    cells = [" / ".join(f"{r['max_rel']:.1e}" for r in reports[f].model_checks) for f in forms]
+    print("| whole model, random, batch 1 / 3 (max rel) | " + " | ".join(cells) + " |")
+
+
+def export_all(name: str, tmp: Path, variants: bool) -> tuple[dict[str, Path], dict[str, str], dict]:
+    """The BN-folded and every GN export of ``name``, each GN export's stress verdict and report;
+    with ``variants`` also the two forms tried and not kept (profiled only)."""
+    x = torch.randn(1, 3, 224, 224)
+    bn = with_trained_statistics(timm.create_model(name)).eval()
+    gn = gnsurgeon.convert(bn).eval()
+    folded, _ = fold_for_export(bn, x)
+    files = {"BN folded": tmp / f"{name}-bn.onnx"}
+    files["BN folded"].write_bytes(export_model(folded, x).SerializeToString())
+    verdicts, reports = {}, {}
+    for form in FORMS:
+        proto = export_model(gn, x, opset=OPSETS[form], gn_op=form)
+        files[form] = tmp / f"{name}-{form}.onnx"
+        files[form].write_bytes(proto.SerializeToString())
+        reports[form] = verify_model(proto, gn, CONFIG, VerifyOptions(threads=1))
+        verdicts[form] = stress_verdict(reports[form])
+    if variants:
+        for label, translation in VARIANTS.items():
+            files[label] = tmp / f"{name}-{label.replace(' ', '_').replace('/', '')}.onnx"
+            export_variant(gn, x, translation, files[label])
+    return files, verdicts, reports
+
+
+def time_model(files: dict[str, Path], threads: list[int], batches: list[int], rounds: int) -> dict:
+    """``{(batch, threads): {graph: (wall ms, cpu ms)}}``, every graph of one model interleaved."""
+    out = {}
+    for t in threads:
+        sessions = {k: session(p, t) for k, p in files.items() if k not in VARIANTS}
+        for b in batches:
+            feed = {"input": np.random.default_rng(b).standard_normal((b, 3, 224, 224)).astype(np.float32)}
+            runners = [lambda s=s, feed=feed: s.run(None, feed) for s in sessions.values()]
+            turns = rounds if b == 1 else max(2, rounds // 2)
+            out[(b, t)] = dict(zip(sessions, latencies_ms(runners, turns), strict=True))
+        del sessions
+    return out
+
+
+def print_latency(results: dict, verdicts: dict, defaults: dict[int, str], threads: list, batches: list) -> None:
+    conditions = [(b, t) for b in batches for t in threads]
+    head = " | ".join(f"b{b} {t}t ms | / BN" for b, t in conditions)
+    print(f"| model | ONNX graph | stress check (per GN layer) | {head} |")
+    print("|---|---|---|" + "---:|---:|" * len(conditions))
+    for name, timings in results.items():
+        for graph in ["BN folded", *FORMS]:
+            marks = [f"{t}t" for t in threads if defaults[t] == graph]
+            label = graph if graph == "BN folded" else f"GN {graph}"
+            label += f" (default at {', '.join(marks)})" if marks else ""
+            cells = []
+            for b, t in conditions:
+                k = 1 if t == 1 else 0  # CPU time at 1 thread, wall time with more
+                value, base = timings[(b, t)][graph], timings[(b, t)]["BN folded"]
+                cells.append(f"{value[0]:.1f} / {value[1]:.1f} | {value[k] / base[k]:.2f}")
+            print(f"| {name} | {label} | {verdicts[name].get(graph, '-')} | " + " | ".join(cells) + " |")
+
+
+def print_profiles(profiles: dict) -> None:
+    print("\nonnxruntime kernel time by operator, ms per batch-1 run (after its graph optimizations; per node the")
+    print("minimum of 20 runs):\n")
+    for (name, t), by_graph in profiles.items():
         graphs = list(by_graph)
-        print(f"| {name} | " + " | ".join(graphs) + " |")
+        print(f"| {name}, {t} thread(s) | " + " | ".join(graphs) + " |")
         print("|---|" + "---:|" * len(graphs))
-        for op in [*PROFILED_OPS, "total"]:
+        ops = [op for op in PROFILED_OPS if any(by_graph[g].get(op) for g in graphs)]
+        for op in [*ops, "other", "total"]:
             cells = []
             for g in graphs:
-                value = sum(by_graph[g].values()) if op == "total" else by_graph[g].get(op, 0.0)
-                cells.append(f"{value:.1f}")
+                listed = sum(v for o, v in by_graph[g].items() if o in PROFILED_OPS)
+                total = sum(by_graph[g].values())
+                value = total if op == "total" else total - listed if op == "other" else by_graph[g].get(op, 0.0)
+                cells.append(f"{value:.2f}")
             print(f"| {op} | " + " | ".join(cells) + " |")
         print()
 
+
+def centring_demo(tmp: Path) -> None:
+    """resnet18-GN whose GN inputs carry a per-channel offset (conv bias + 100·N(0, 1)): the native op
+    with and without --center-groups, worst over layers, on the real activations and on the stress
+    inputs (which centring cannot change: they are fed to the GN directly)."""
+    torch.manual_seed(0)
+    gn = gnsurgeon.convert(with_trained_statistics(timm.create_model("resnet18"))).eval()
+    with torch.no_grad():
+        for m in gn.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.bias = torch.nn.Parameter(100 * torch.randn(m.out_channels))
+    x = torch.randn(1, 3, 224, 224)
+    centred, rows = center_groups(gn, torch.randn(4, 3, 224, 224))
+    print("\n`--center-groups` and the native GroupNormalization on resnet18-GN with conv biases 100·N(0, 1)")
+    print(f"(centred {sum(r['action'] == 'centred' for r in rows)} of {len(rows)} GN layers):\n")
+    print("| model | GN as | worst κ, activations | worst max abs, activations | activation checks | stress check |")
+    print("|---|---|---:|---:|---|---|")
+    for label, model in (("as is", gn), ("centred", centred)):
+        for form in ("native", "layernorm", "decomposed"):
+            proto = export_model(model, x, opset=OPSETS[form], gn_op=form)
+            report = verify_model(proto, model, CONFIG, VerifyOptions(threads=1))
+            acts = [c for r in report.layers for n, c in r["cases"].items() if n.startswith("activation")]
+            errs = [c.get("max_abs") for c in acts]
+            worst = "NaN" if None in errs else f"{max(errs):.1e}"
+            ok = sum(c["ok"] for c in acts)
+            stress = sum(
+                all(c["ok"] for n, c in r["cases"].items() if not n.startswith("activation")) for r in report.layers
+            )
+            print(
+                f"| resnet18 | {form}, {label} | {max(c['kappa'] for c in acts):.3g} | {worst} | {ok}/{len(acts)} pass "
+                f"| {stress}/{len(report.layers)} layers pass |"
+            )
+
+
+def end_to_end(tmp: Path) -> None:
+    checkpoint = tmp / "resnet50-gn.safetensors"
+    gnsurgeon.convert_source("timm:resnet50", checkpoint, gnsurgeon.ConvertOptions(probe=False))
+    start = time.perf_counter()
+    report = gnsurgeon.export_onnx(str(checkpoint), tmp / "resnet50-gn-e2e.onnx")
+    total = time.perf_counter() - start
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())
+    print(
+        f"\n`gnsurgeon export-onnx` resnet50 checkpoint, defaults, end to end: {total:.1f} s ({steps}); GN as "
+        f"{report.graph.gn_op}; verification {'passed' if report.ok else 'FAILED'}: "
+        f"{len(report.verification.layers)} GN layers"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6, help="round-robin rounds at batch 1 (half at larger batches)")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-centring", action="store_true")
+    parser.add_argument("--no-end-to-end", action="store_true")
+    args = parser.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    print(
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}, CPU ({os.cpu_count()} cores), 224x224, "
+        f"onnxruntime default graph optimizations; load average at start {os.getloadavg()[0]:.1f}\n"
+    )
+    defaults = {}
+    for t in threads:
+        choice = choose_lowering(FORMS, OPSETS, threads=t)
+        defaults[t] = choice.form
+        print(f"- auto at {t} thread(s): {choice.reason}")
+    tmp = Path(tempfile.mkdtemp(prefix="gnsurgeon-onnx-bench-"))
+    results, verdicts, profiles, stress = {}, {}, {}, {}
+    for name in args.models.split(","):
+        files, verdicts[name], reports = export_all(name, tmp, not args.no_profile and name in PROFILED)
+        if name == STRESS_MODEL:
+            stress = reports
+        results[name] = time_model(files, threads, batches, args.rounds)
+        if not args.no_profile and name in PROFILED:
+            x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+            for t in threads:
+                profiles[(name, t)] = {g: kernel_ms_by_op(p, x, t) for g, p in files.items() if g != "native"}
+        print(f"- {name}: exported, verified and timed; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print("\nRatios GN / BN folded from CPU time at 1 thread, from wall time at 2. Cells: wall / CPU ms per run.\n")
+    print_latency(results, verdicts, defaults, threads, batches)
+    if stress:
+        stress_table(STRESS_MODEL, stress)
+    if profiles:
+        print_profiles(profiles)
+    if not args.no_centring:
+        centring_demo(tmp)
     if not args.no_end_to_end:
-        checkpoint = tmp / "resnet50-gn.safetensors"
-        gnsurgeon.convert_source("timm:resnet50", checkpoint, gnsurgeon.ConvertOptions(probe=False))
-        start = time.perf_counter()
-        report = gnsurgeon.export_onnx(str(checkpoint), tmp / "resnet50-gn-e2e.onnx")
-        total = time.perf_counter() - start
-        steps = ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())
-        print(
-            f"`gnsurgeon export-onnx` resnet50 checkpoint, end to end: {total:.1f} s ({steps}); verification "
-            f"{'passed' if report.ok else 'FAILED'}: {len(report.verification.layers)} GN layers"
-        )
-        worst = max(
-            (c for row in report.verification.layers for n, c in row["cases"].items() if n.startswith("mean 100,")),
-            key=lambda c: c["max_abs"],
-        )
-        print(f"worst GN error on mean 100 / std 0.01 (batch 1): {worst['max_abs']:.1e} (limit {worst['limit']:.1e})")
+        end_to_end(tmp)
 
 
 if __name__ == "__main__":

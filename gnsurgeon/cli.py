@@ -476,6 +476,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only failing l
 ExportRecipe = Annotated[
     Path | None, typer.Option("--recipe", help="YAML/TOML recipe: its export section; flags override it.")
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="onnxruntime threads for the checks and auto's timing (0: its default)."),
+]
 
 
 def _onnx_options(values: dict, recipe: Path | None):
@@ -510,11 +514,28 @@ def export_onnx_command(
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 18, 21 for native GN).")] = None,
     gn_op: Annotated[
         str | None,
-        typer.Option("--gn-op", help="decomposed (InstanceNormalization, default) or native (GroupNormalization)."),
+        typer.Option(
+            "--gn-op",
+            help="auto (default: the fastest form the installed onnxruntime computes exactly), decomposed "
+            "(InstanceNormalization), layernorm (LayerNormalization over the groups) or native (GroupNormalization).",
+        ),
     ] = None,
     dynamic_batch: Annotated[
         bool | None, typer.Option("--dynamic-batch/--static-batch", help="Dynamic batch axis (default) or batch 1.")
     ] = None,
+    dynamic_size: Annotated[
+        bool | None,
+        typer.Option(
+            "--dynamic-size/--static-size", help="Dynamic H and W (default for segmentation and detection models)."
+        ),
+    ] = None,
+    center_groups: Annotated[
+        bool | None,
+        typer.Option(
+            "--center-groups", help="Subtract each GN's per-group input mean in its producer's bias, where exact."
+        ),
+    ] = None,
+    threads: Threads = None,
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
@@ -572,6 +593,7 @@ def verify_onnx_command(
     atol: Atol = None,
     rtol: Rtol = None,
     model_rtol: ModelRtol = None,
+    threads: Threads = None,
     recipe: ExportRecipe = None,
     json_out: JsonOut = None,
     quiet: Quiet = False,

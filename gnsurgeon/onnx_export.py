@@ -2,28 +2,39 @@
 
 Defaults are chosen for the deployment that fails quietly otherwise:
 
-* ``--gn-op decomposed`` (default): GN becomes ``Reshape -> InstanceNormalization -> Reshape`` and a
-  per-channel affine written as a depthwise 1x1 ``Conv``. InstanceNormalization computes a centred
-  variance, so it stays at float32 accuracy where onnxruntime's ``GroupNormalization`` (its function
-  body computes E[x²] − E[x]²) returns NaN; every runtime runs it; and onnxruntime fuses the 1x1 conv
-  with the activation and residual add that follow, which a ``Mul``/``Add`` affine blocks.
-* ``--gn-op native`` emits ``GroupNormalization`` (opset >= 21, the first with per-channel scale);
-  the stress check flags onnxruntime's precision problem on it rather than pass it.
-* opset 18 for the decomposed form (the widest runtime support; the exporter's own minimum), 21 for
-  native.
-* a dynamic batch axis: a static export bakes the batch size into the graph.
+* ``--gn-op auto`` (default): GN is written the way the installed onnxruntime computes exactly and
+  fastest, chosen by running the candidate lowerings of one small GN on verification's stress inputs
+  and timing them at the thread count asked (:mod:`gnsurgeon.onnx_lowering`: ``decomposed``
+  InstanceNormalization, ``layernorm`` LayerNormalization over the groups, ``native``
+  GroupNormalization-21). The choice, its reason and the onnxruntime version go into the file's
+  metadata and the report; ``verify-onnx`` re-checks the file on the runtime at hand.
+* opset 18 for the decomposed and layernorm forms (the widest runtime support; the exporter's own
+  minimum), 21 for native (GroupNormalization before 21 has per-group scale and bias, onnx#5466).
+* a dynamic batch axis: a static export bakes the batch size into the graph. Segmentation and
+  detection models also get dynamic H and W (``--dynamic-size``): they are run at other sizes.
 * every BatchNorm frozen into BN* and folded into the conv/linear that produces its input, where that
   is exact (:mod:`gnsurgeon.fold`); what cannot fold stays a per-channel ``Mul``/``Add``, never a
   ``BatchNormalization`` node.
+* ``--center-groups`` (off): GN(x − s) = GN(x) for any per-group constant s, so each GN's per-group
+  input mean on the probe is subtracted in the producing conv's bias, where the ``--fold`` rule says
+  that conv's output goes to the GN alone. It lowers |mean|/std of the activations, which is what
+  a runtime computing E[x²] − E[x]² (native GroupNormalization) loses accuracy to.
+
+Exporters: torch.onnx's dynamo exporter for every model that ``torch.export`` traces; detection
+models (a list of images in, boxes out) use its TorchScript exporter, because ``torch.export`` stops at
+their data-dependent box filtering (``batched_nms``: "Could not guard on data-dependent expression").
+Both write GN through the same lowering code.
 
 Stage: export, the last stage before deployment. It imports torch, onnx and onnxscript (the last two
-inside functions, to keep ``import gnsurgeon`` light), the fold and surgery modules that prepare the
-model, and :mod:`gnsurgeon.onnx_verify`, which checks the result.
+inside functions, to keep ``import gnsurgeon`` light), the fold, hooks and surgery modules that prepare
+the model, :mod:`gnsurgeon.onnx_lowering` (the GN forms, auto) and :mod:`gnsurgeon.onnx_verify`,
+which checks the result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import time
@@ -39,48 +50,78 @@ from torch import nn
 from . import __version__
 from .errors import GNSurgeonError, VerificationError
 from .files import check_output, write_atomically
-from .fold import fold_into_producer, plan_folds
+from .fold import fold_affine_weights, fold_into_producer, plan_folds
+from .hooks import capture
 from .layers import FrozenBNAffine
-from .onnx_verify import VerifyOptions, VerifyReport, onnxruntime_message, require_tensor_task, verify_model
+from .metrics import max_errors
+from .onnx_lowering import (
+    FORMS,
+    LoweringChoice,
+    choice_metadata,
+    choose_lowering,
+    dynamo_translation,
+    torchscript_symbolic,
+)
+from .onnx_verify import VerifyOptions, VerifyReport, group_stats, kappa, onnxruntime_message, verify_model
 from .options import NOT_IN_RECIPES
 from .plan import Action, LayerPlan, Plan, Selection
-from .probe import make_probe_input
+from .probe import flatten_outputs, make_probe_input
 from .sources import SourceOptions, open_source
 from .surgery import apply_plan, make_plan, module_paths, replace_module
+from .verdicts import LayerMismatch
 
-GN_OPS = ("decomposed", "native")
+GN_OPS = ("auto", *FORMS)
 MIN_OPSET = 18  # torch.onnx's dynamo exporter starts at 18
 NATIVE_MIN_OPSET = 21  # GroupNormalization-18 has per-group scale/bias (onnx#5466); 21 fixed it
-DEFAULT_OPSET = {"decomposed": 18, "native": 21}
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter (detection models) writes opsets up to 20
+DEFAULT_OPSET = {"auto": 18, "decomposed": 18, "layernorm": 18, "native": 21}
+DYNAMIC_SIZE_TASKS = ("segmentation", "detection")  # run at other sizes than the probe's
 
 
 @dataclass
 class ExportOptions:
     """Every option of ``gnsurgeon export-onnx`` except the source's (see SourceOptions)."""
 
-    opset: int | None = None  # None: 18 for decomposed, 21 for native
-    gn_op: str = "decomposed"
+    opset: int | None = None  # None: 18, or 21 for native
+    gn_op: str = "auto"  # auto | decomposed | layernorm | native
     dynamic_batch: bool = True
+    dynamic_size: bool | None = None  # dynamic H and W; None: for segmentation and detection models
+    center_groups: bool = False  # fold each GN's per-group input mean into its producer's bias, where exact
     verify: bool = True
     force: bool = field(default=False, metadata=NOT_IN_RECIPES)  # write the file even when verification fails
     checks: VerifyOptions = field(default_factory=VerifyOptions)
 
-    def resolved_opset(self) -> int:
-        """The opset to export at, or a GNSurgeonError naming the conflicting option."""
+    def validate(self, torchscript: bool = False) -> None:
+        """A GNSurgeonError naming the conflicting option, if any; ``torchscript``: the model needs the
+        TorchScript exporter (detection), which stops at opset 20."""
         if self.gn_op not in GN_OPS:
             raise GNSurgeonError(f"--gn-op {self.gn_op!r} is not one of {', '.join(GN_OPS)}")
-        opset = self.opset if self.opset is not None else DEFAULT_OPSET[self.gn_op]
         import onnx
 
-        newest = onnx.defs.onnx_opset_version()
-        if not MIN_OPSET <= opset <= newest:
-            raise GNSurgeonError(f"--opset {opset} is outside what the exporter supports ({MIN_OPSET} to {newest})")
-        if self.gn_op == "native" and opset < NATIVE_MIN_OPSET:
+        newest = TORCHSCRIPT_MAX_OPSET if torchscript else onnx.defs.onnx_opset_version()
+        opset = self.opset_for(self.gn_op)
+        if self.gn_op == "native" and (opset < NATIVE_MIN_OPSET or torchscript):
+            why = (
+                "detection models export with the TorchScript exporter, which stops at opset 20"
+                if torchscript
+                else f"got --opset {opset}"
+            )
             raise GNSurgeonError(
                 f"--gn-op native needs --opset {NATIVE_MIN_OPSET} or later (GroupNormalization before 21 has "
-                f"per-group scale and bias, onnx#5466), got --opset {opset}"
+                f"per-group scale and bias, onnx#5466); {why}"
             )
-        return opset
+        if not MIN_OPSET <= opset <= newest:
+            raise GNSurgeonError(f"--opset {opset} is outside what the exporter supports ({MIN_OPSET} to {newest})")
+
+    def opset_for(self, form: str) -> int:
+        """The opset a file with GN as ``form`` is written at: ``--opset``, else 18 (21 for native)."""
+        return self.opset if self.opset is not None else DEFAULT_OPSET[form]
+
+    def candidates(self, torchscript: bool = False) -> tuple[str, ...]:
+        """The lowerings ``auto`` may pick: native only where its opset (21) is allowed."""
+        if torchscript or (self.opset is not None and self.opset < NATIVE_MIN_OPSET):
+            return tuple(f for f in FORMS if f != "native")
+        return FORMS
 
 
 @dataclass
@@ -92,6 +133,8 @@ class ExportedGraph:
     gn_op: str
     dynamic_batch: bool
     input_shape: list
+    dynamic_size: bool = False
+    exporter: str = "dynamo"  # dynamo | torchscript (detection models)
     group_norms: int = 0
     op_counts: dict = field(default_factory=dict)
     checker: str = ""
@@ -99,13 +142,16 @@ class ExportedGraph:
 
 @dataclass
 class ExportReport:
-    """What ``export-onnx`` did: the graph it wrote, what was folded, and the verification."""
+    """What ``export-onnx`` did: the graph it wrote, the GN lowering and why, what was folded and
+    centred, and the verification."""
 
     source: str
     output: str
     graph: ExportedGraph
+    lowering: LoweringChoice | None = None
     written: bool = False
     folds: list[dict] = field(default_factory=list)
+    centring: list[dict] = field(default_factory=list)
     verification: VerifyReport | None = None
     timings: dict = field(default_factory=dict)
 
@@ -124,10 +170,14 @@ class ExportReport:
             "ok": self.ok,
             "opset": graph.opset,
             "gn_op": graph.gn_op,
+            "lowering": self.lowering.to_dict() if self.lowering else None,
+            "exporter": graph.exporter,
             "dynamic_batch": graph.dynamic_batch,
+            "dynamic_size": graph.dynamic_size,
             "input_shape": graph.input_shape,
             "group_norms": graph.group_norms,
             "folds": self.folds,
+            "centring": self.centring,
             "op_counts": graph.op_counts,
             "checker": graph.checker,
             "timings_s": self.timings,
@@ -180,52 +230,67 @@ def fold_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module,
     return prepared.eval(), rows
 
 
-# ------------------------------------------------------------------------------------ export
-def _gn_decomposed(
-    input,  # the aten schema's names: the exporter binds arguments by name
-    num_groups: int,
-    weight=None,
-    bias=None,
-    eps: float = 1e-05,
-    cudnn_enabled: bool = True,
-):
-    """``aten.group_norm`` as Reshape -> InstanceNormalization -> Reshape -> depthwise 1x1 Conv.
-
-    Traced by the dynamo exporter (onnxscript ops on symbolic values). The affine is a Conv rather
-    than Mul + Add because onnxruntime fuses a constant-weight Conv with the activation and residual
-    add after it (one pass instead of three); inputs without spatial axes keep Mul/Add.
+# ------------------------------------------------------------------------------ GN centring
+def center_groups(model: nn.Module, example) -> tuple[nn.Module, list[dict]]:
+    """A copy of ``model`` (eval) in which each GN's per-group input mean on ``example`` is subtracted in
+    the bias of the conv/linear that produces the GN's input. Exact for any shift: GN(x − s) = GN(x)
+    when s is constant within each group; done only where ``--fold``'s rule says the producer's output
+    goes to that GN alone (:func:`gnsurgeon.fold.plan_folds`), and the shift is written with
+    :func:`~gnsurgeon.fold.fold_affine_weights` (float64, one rounding). Returns the copy and one row
+    per GN: path, producer, ``centred`` or ``kept`` (and why), the largest shift, and κ (max group
+    |mean| / std, verification's conditioning) on ``example`` before and after.
     """
-    from onnxscript import opset18 as op
+    centred = copy.deepcopy(model).eval()
+    gns = {p: m for p, m in centred.named_modules() if p and isinstance(m, nn.GroupNorm)}
+    if not gns:
+        return centred, []
+    plan = Plan(
+        [
+            LayerPlan(path=p, kind=type(m).__name__, channels=m.num_channels, eps=m.eps, affine=m.affine,
+                      action=Action.FROZEN)  # fmt: skip
+            for p, m in gns.items()
+        ]
+    )
+    decided = plan_folds(centred, plan, example)
+    before = capture(centred, example, inputs=list(gns), grad="inference").inputs
+    rows = []
+    for lp in decided:
+        gn, calls = gns[lp.path], before.get(lp.path, [])
+        row = {"path": lp.path, "producer": lp.producer, "action": "kept", "note": lp.note}
+        if calls:
+            row["kappa_before"] = kappa(group_stats(calls[0].first, gn.num_groups), gn.eps)
+        if lp.action == Action.FOLDED and calls:
+            shift = group_stats(calls[0].first, gn.num_groups)[0].double().mean(0)  # per group, over samples
+            producer = centred.get_submodule(lp.producer)
+            channels = gn.num_channels
+            _, bias = fold_affine_weights(
+                producer.weight, producer.bias, torch.ones(channels, dtype=torch.float64),
+                -shift.repeat_interleave(channels // gn.num_groups),
+            )  # fmt: skip
+            with torch.no_grad():
+                if producer.bias is None:
+                    producer.bias = nn.Parameter(bias, requires_grad=producer.weight.requires_grad)
+                else:
+                    producer.bias.copy_(bias)
+            row.update(action="centred", note="", max_shift=float(shift.abs().max()))
+        rows.append(row)
+    after = capture(centred, example, inputs=[r["path"] for r in rows if r["action"] == "centred"], grad="inference")
+    for row in rows:
+        if row["action"] == "centred":
+            gn = gns[row["path"]]
+            row["kappa_after"] = kappa(group_stats(after.inputs[row["path"]][0].first, gn.num_groups), gn.eps)
+    return centred, rows
 
-    shape = list(input.shape)
-    rank, channels, spatial = len(shape), shape[1], shape[2:]
-    x = op.Reshape(input, op.Constant(value_ints=[0, num_groups, -1]))
-    ones = op.CastLike(op.Constant(value_floats=[1.0] * num_groups), input)
-    zeros = op.CastLike(op.Constant(value_floats=[0.0] * num_groups), input)
-    x = op.InstanceNormalization(x, ones, zeros, epsilon=eps)
-    static = all(isinstance(d, int) for d in [channels, *spatial])
-    x = op.Reshape(x, op.Constant(value_ints=[0, channels, *spatial]) if static else op.Shape(input))
-    if weight is None and bias is None:
-        return x
-    if static and rank >= 3:
-        if weight is None:
-            weight = op.CastLike(op.Constant(value_floats=[1.0] * channels), input)
-        kernel = [1] * (rank - 2)
-        w = op.Reshape(weight, op.Constant(value_ints=[channels, 1, *kernel]))
-        if bias is None:
-            return op.Conv(x, w, group=channels, kernel_shape=kernel)
-        return op.Conv(x, w, bias, group=channels, kernel_shape=kernel)
-    if rank > 2:  # (C,) -> (C, 1, ...) to broadcast over the spatial axes
-        axes = op.Constant(value_ints=list(range(1, rank - 1)))
-        weight = op.Unsqueeze(weight, axes) if weight is not None else None
-        bias = op.Unsqueeze(bias, axes) if bias is not None else None
-    # (N, C) inputs (BatchNorm1d turned GN: LeViT, MLP heads) broadcast as they are. An empty axes
-    # Constant here made onnx_ir log "Attribute type is ambiguous" once per layer (48 lines on LeViT).
-    if weight is not None:
-        x = op.Mul(x, weight)
-    if bias is not None:
-        x = op.Add(x, bias)
-    return x
+
+def _centring_drift(original: nn.Module, centred: nn.Module, example) -> float:
+    """Max relative change of the model's outputs that centring caused, both run in float64: what is
+    left is the rounding of the new biases (~1e-7). In float32 the difference would mostly be the
+    original's own GN error on badly centred activations, which is what centring removes."""
+    as64 = [t.double() for t in example] if isinstance(example, list) else example.double()
+    with torch.inference_mode():
+        a = flatten_outputs(copy.deepcopy(original).double()(as64))
+        b = flatten_outputs(copy.deepcopy(centred).double()(as64))
+    return max((max_errors(x, y)["max_rel"] for (_, x), (_, y) in zip(a, b, strict=True)), default=0.0)
 
 
 @contextlib.contextmanager
@@ -244,25 +309,45 @@ def _quiet_loggers(names: tuple[str, ...] = ("onnx_ir", "onnxscript", "torch.onn
             lg.setLevel(level)
 
 
+# ------------------------------------------------------------------------------------ export
+def _output_names(model: nn.Module, example) -> list[str] | None:
+    """ONNX output names from the model's output structure: ``output`` for one tensor, the dict keys
+    (``out``, ``aux``; ``boxes``, ``labels``, ``scores``) where they are unique."""
+    with torch.no_grad():
+        names = [n for n, _ in flatten_outputs(model(example))]
+    if names == ["output"]:
+        return names
+    short = [n.split(".", 1)[1] if "." in n else n for n in names]
+    return short if len(set(short)) == len(short) and all(short) else None
+
+
 def export_model(
     model: nn.Module,
-    example: torch.Tensor,
+    example,
     *,
     opset: int = 18,
     gn_op: str = "decomposed",
     dynamic_batch: bool = True,
+    dynamic_size: bool = False,
+    name: str = "the model",
 ):
-    """``model`` (eval) -> ``onnx.ModelProto`` with the dynamo exporter; GN as ``gn_op`` asks.
+    """``model`` (eval) -> ``onnx.ModelProto``; GN as ``gn_op`` (one of FORMS) asks.
 
-    The batch axis is named ``batch`` and dynamic unless ``dynamic_batch`` is False. Node metadata
-    that maps nodes to module paths is kept; stack traces (local file paths) are dropped.
+    A tensor ``example`` goes through the dynamo exporter: the batch axis is named ``batch`` and
+    dynamic unless ``dynamic_batch`` is False, H and W (the last two axes) are ``height``/``width`` and
+    dynamic when ``dynamic_size``; node metadata that maps nodes to module paths is kept, stack traces
+    (local file paths) are dropped. A list of images (detection) goes through the TorchScript
+    exporter: one image in, dynamic H/W when asked. A model the exporter cannot handle gets one
+    GNSurgeonError naming ``name`` and the exporter's reason.
     """
-    table = {torch.ops.aten.group_norm.default: _gn_decomposed} if gn_op == "decomposed" else None
+    if isinstance(example, list):
+        return _export_torchscript(model, example, opset=opset, gn_op=gn_op, dynamic_size=dynamic_size, name=name)
     if dynamic_batch and example.shape[0] < 2:
         example = torch.cat([example, example])  # torch.export specialises a size-1 axis to a constant
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with torch.no_grad():
-        single = isinstance(model(example), torch.Tensor)
+    axes = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+    if dynamic_size and example.dim() >= 4:
+        axes.update({example.dim() - 2: torch.export.Dim("height"), example.dim() - 1: torch.export.Dim("width")})
+    table = {torch.ops.aten.group_norm.default: dynamo_translation(gn_op, opset)}
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
             warnings.simplefilter("ignore")
@@ -271,21 +356,64 @@ def export_model(
                 (example,),
                 dynamo=True,
                 opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=(axes,) if axes else None,
                 input_names=["input"],
-                output_names=["output"] if single else None,
+                output_names=_output_names(model, example),
                 custom_translation_table=table,
                 verbose=False,
             )
     except Exception as exc:  # torch.export / onnxscript raise many types
-        reason = onnxruntime_message(exc)
-        raise GNSurgeonError(f"torch.onnx could not export the model at opset {opset}: {reason}") from None
+        raise GNSurgeonError(_export_failure(name, exc, opset, dynamic_size)) from None
     proto = program.model_proto
     for node in proto.graph.node:
         keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
         del node.metadata_props[:]
         node.metadata_props.extend(keep)
     return proto
+
+
+def _export_failure(name: str, exc: BaseException, opset: int, dynamic_size: bool) -> str:
+    """One sentence: which model torch.onnx could not export, why, and what to try."""
+    reason = onnxruntime_message(exc)
+    text = str(exc)
+    if "Exception summary" in text:  # torch.onnx's long report: the first exception in its summary is the cause
+        causes = [line for line in text.split("Exception summary", 1)[1].splitlines() if line.startswith("<class")]
+        if causes:
+            kind, _, message = causes[0].partition(">: ")
+            reason = f"{kind.rsplit('.', 1)[-1].strip(chr(39))}: {message.strip()}"[:300]
+    hint = " (try --static-size: H and W fixed)" if dynamic_size else ""
+    return f"torch.onnx could not export {name} at opset {opset}: {reason}{hint}"
+
+
+def _export_torchscript(model: nn.Module, images: list, *, opset: int, gn_op: str, dynamic_size: bool, name: str):
+    """A detection model through torch.onnx's TorchScript exporter (the one torchvision's own ONNX
+    tests use): one image ``(C, H, W)`` in, each output of the image's dict a named output."""
+    import onnx
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    if len(images) != 1:
+        raise GNSurgeonError(f"{name}: a detection model is exported for one image per run, got {len(images)}")
+    names = _output_names(model, images)
+    buffer = io.BytesIO()
+    register_custom_op_symbolic("aten::group_norm", torchscript_symbolic(gn_op, dynamic_size), opset)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (images,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes={"input": {1: "height", 2: "width"}} if dynamic_size else None,
+            )
+    except Exception as exc:  # the TorchScript exporter raises many types
+        raise GNSurgeonError(_export_failure(name, exc, opset, dynamic_size)) from None
+    finally:
+        unregister_custom_op_symbolic("aten::group_norm", opset)
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _check_graph(proto, gn_op: str, group_norms: int) -> tuple[str, dict]:
@@ -301,11 +429,44 @@ def _check_graph(proto, gn_op: str, group_norms: int) -> tuple[str, dict]:
             f"the exported graph still has {counts['BatchNormalization']} BatchNormalization node(s)"
         )
     native = counts.get("GroupNormalization", 0)
-    if gn_op == "decomposed" and native:
-        raise VerificationError(f"--gn-op decomposed, yet the graph has {native} GroupNormalization node(s)")
-    if gn_op == "native" and group_norms and not native:
-        raise VerificationError("--gn-op native, yet the exporter wrote no GroupNormalization node")
+    if gn_op != "native" and native:
+        raise VerificationError(f"--gn-op {gn_op}, yet the graph has {native} GroupNormalization node(s)")
+    anchor = {"native": "GroupNormalization", "decomposed": "InstanceNormalization", "layernorm": "LayerNormalization"}
+    if group_norms and not counts.get(anchor[gn_op]):
+        raise VerificationError(f"--gn-op {gn_op}, yet the exporter wrote no {anchor[gn_op]} node")
     return "passed (full check)", dict(sorted(counts.items()))
+
+
+def _lowering(options: ExportOptions, group_norms: int, static: bool, torchscript: bool) -> LoweringChoice:
+    """The GN form to write: auto's probe of the installed onnxruntime, or the one asked for."""
+    import onnxruntime
+
+    threads = options.checks.threads
+    if not group_norms:
+        form = "decomposed" if options.gn_op == "auto" else options.gn_op
+        return LoweringChoice(options.gn_op, form, "the model has no GroupNorm", onnxruntime.__version__, threads)
+    if options.gn_op != "auto":
+        why = f"asked for (--gn-op {options.gn_op})"
+        return LoweringChoice(options.gn_op, options.gn_op, why, onnxruntime.__version__, threads)
+    forms = options.candidates(torchscript)
+    opsets = {f: options.opset_for(f) for f in forms}
+    return choose_lowering(forms, opsets, static=static, threads=threads, checks=options.checks)
+
+
+def _prepare(opened, options: ExportOptions, report: ExportReport):
+    """The model to export (centred if asked, BN folded), the verification reference, the probe input."""
+    config = opened.data_config
+    reference = opened.model.float().eval()
+    example = make_probe_input(config, batch=1, seed=0)
+    if options.center_groups:
+        probe = make_probe_input(config, batch=1 if config.task == "detection" else 4, seed=1)
+        centred, report.centring = center_groups(reference, probe)
+        drift = _centring_drift(reference, centred, example)
+        for row in report.centring:
+            row["model_drift"] = drift  # the whole model's max rel change: exactness, measured
+        reference = centred
+    prepared, report.folds = fold_for_export(reference, example)
+    return prepared, reference, example
 
 
 def export_onnx(
@@ -320,63 +481,102 @@ def export_onnx(
 
     ``source_options`` is a :class:`~gnsurgeon.sources.SourceOptions` for opening the source
     (weights, constructor kwargs, ``input_size``); ``model`` the unconverted architecture of a
-    checkpoint saved with ``source=None`` (as for :func:`gnsurgeon.load`). BN is folded, the graph checked with
-    ``onnx.checker``, then verified (``options.verify``). The file is written only when verification
-    passes, or with ``options.force``; ``report.ok`` says which.
+    checkpoint saved with ``source=None`` (as for :func:`gnsurgeon.load`). GN is written as
+    ``options.gn_op`` says (``auto``: chosen on the installed onnxruntime; when the model's own GN
+    layers then fail the per-layer check, the next form that passed auto's probe is exported and
+    verified instead, and the reason says so), BN is folded, the graph checked with ``onnx.checker``,
+    then verified (``options.verify``). The file is written only when verification passes, or with
+    ``options.force``; ``report.ok`` says which.
     """
     options = options or ExportOptions()
-    opset = options.resolved_opset()
+    options.validate()
     output = check_output(output, ".onnx")
     start = time.perf_counter()
     opened = open_source(source, source_options or SourceOptions(), model=model)
-    require_tensor_task(opened.data_config, source)
-    reference = opened.model.float().eval()
-    timings = {"build": round(time.perf_counter() - start, 3)}
+    config = opened.data_config
+    torchscript = config.task == "detection"
+    options.validate(torchscript)
+    dynamic_size = options.dynamic_size if options.dynamic_size is not None else config.task in DYNAMIC_SIZE_TASKS
+    report = ExportReport(source=str(source), output=str(output), graph=ExportedGraph(0, "", False, []))
+    report.timings["build"] = round(time.perf_counter() - start, 3)
 
     start = time.perf_counter()
-    example = make_probe_input(opened.data_config, batch=1, seed=0)
-    prepared, folds = fold_for_export(reference, example)
+    prepared, reference, example = _prepare(opened, options, report)
     group_norms = sum(isinstance(m, nn.GroupNorm) for m in prepared.modules())
-    timings["fold"] = round(time.perf_counter() - start, 3)
-
+    report.timings["fold"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    proto = export_model(prepared, example, opset=opset, gn_op=options.gn_op, dynamic_batch=options.dynamic_batch)
-    timings["export"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    checker, counts = _check_graph(proto, options.gn_op, group_norms)
-    timings["check"] = round(time.perf_counter() - start, 3)
-    graph = ExportedGraph(
-        opset=opset,
-        gn_op=options.gn_op,
-        dynamic_batch=options.dynamic_batch,
-        input_shape=["batch" if options.dynamic_batch else 1, *opened.data_config.input_size],
-        group_norms=group_norms,
-        op_counts=counts,
-        checker=checker,
-    )
-    report = ExportReport(source=str(source), output=str(output), graph=graph, folds=folds, timings=timings)
-    if options.verify:
-        start = time.perf_counter()
-        report.verification = verify_model(proto, reference, opened.data_config, options.checks, source=str(source))
-        report.verification.onnx_file = str(output)
-        timings["verify"] = round(time.perf_counter() - start, 3)
+    report.lowering = _lowering(options, group_norms, not dynamic_size, torchscript)
+    report.timings["choose"] = round(time.perf_counter() - start, 3)
+    report.graph = ExportedGraph(0, "", options.dynamic_batch and not torchscript, [], dynamic_size,
+                                 "torchscript" if torchscript else "dynamo", group_norms)  # fmt: skip
+    while True:
+        proto = _export_form(prepared, reference, example, config, options, report)
+        failure = _layer_failure_summary(report.verification)
+        if report.ok or not failure or not report.lowering.fallbacks():
+            break
+        report.lowering.reject(failure)
     if report.ok or options.force:
-        import onnx
-
-        start = time.perf_counter()
-        try:
-            write_atomically(output, lambda tmp: onnx.save_model(proto, tmp))
-        except ValueError as exc:  # protobuf's 2 GB limit
-            raise GNSurgeonError(f"cannot write {output}: {onnxruntime_message(exc)}") from None
-        report.written = True
-        timings["save"] = round(time.perf_counter() - start, 3)
+        _save(proto, output, report)
     return report
 
 
+def _export_form(prepared: nn.Module, reference: nn.Module, example, config, options: ExportOptions, report):
+    """Export ``prepared`` with GN as ``report.lowering.form``, check the graph, record the choice in
+    the file's metadata, verify it against ``reference``; fills ``report`` and returns the proto."""
+    graph, form = report.graph, report.lowering.form
+    start = time.perf_counter()
+    proto = export_model(prepared, example, opset=options.opset_for(form), gn_op=form,
+                         dynamic_batch=graph.dynamic_batch, dynamic_size=graph.dynamic_size,
+                         name=report.source)  # fmt: skip
+    report.timings["export"] = round(report.timings.get("export", 0) + time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    graph.checker, graph.op_counts = _check_graph(proto, form, graph.group_norms)
+    report.timings["check"] = round(report.timings.get("check", 0) + time.perf_counter() - start, 3)
+    size = list(config.input_size)
+    if graph.dynamic_size:
+        size[-2:] = ["height", "width"]
+    batch = [] if graph.exporter == "torchscript" else ["batch" if graph.dynamic_batch else 1]
+    graph.opset, graph.gn_op, graph.input_shape = options.opset_for(form), form, [*batch, *size]
+    centred = str(sum(r["action"] == "centred" for r in report.centring)) if options.center_groups else "off"
+    for key, value in choice_metadata(report.lowering, center_groups=centred).items():
+        proto.metadata_props.add(key=key, value=value)
+    if options.verify:
+        start = time.perf_counter()
+        report.verification = verify_model(proto, reference, config, options.checks, source=report.source)
+        report.verification.onnx_file = report.output
+        report.timings["verify"] = round(report.timings.get("verify", 0) + time.perf_counter() - start, 3)
+    return proto
+
+
+def _layer_failure_summary(verification: VerifyReport | None) -> str:
+    """"3 layer(s): a, b, c" when every failure is a GN layer's (a form the runtime computes badly on
+    this model's layers), else "" (a whole-model or checker failure: another form would not help)."""
+    if verification is None or verification.ok:
+        return ""
+    if any(not isinstance(f, LayerMismatch) for f in verification.failures):
+        return ""
+    layers = list(dict.fromkeys(verification.failed_layers))
+    return f"{len(layers)} layer(s): {', '.join(layers[:3])}" + (", ..." if len(layers) > 3 else "")
+
+
+def _save(proto, output: Path, report: ExportReport) -> None:
+    import onnx
+
+    start = time.perf_counter()
+    try:
+        write_atomically(output, lambda tmp: onnx.save_model(proto, tmp))
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise GNSurgeonError(f"cannot write {output}: {onnxruntime_message(exc)}") from None
+    report.written = True
+    report.timings["save"] = round(time.perf_counter() - start, 3)
+
+
 __all__ = [
+    "GN_OPS",
     "ExportOptions",
     "ExportReport",
     "ExportedGraph",
+    "center_groups",
     "export_model",
     "export_onnx",
     "fold_for_export",

@@ -14,7 +14,12 @@ A GN call is found two ways, in this order:
    *lowering* the exporters write is one :class:`Lowering` in :data:`LOWERINGS`: the op at its
    centre, a ``match`` that grows the subgraph around it, and a ``read`` that returns its G and eps.
    Pattern matches are assigned to the modules in graph order against call order. A new lowering
-   (LayerNormalization-based, a new native op) is one more entry there, nothing else.
+   is one more entry there, nothing else: ``native`` (GroupNormalization), ``decomposed``
+   (InstanceNormalization) and ``layernorm`` (LayerNormalization over (N, G, C/G·H·W)) are listed.
+
+What ``export-onnx`` decided about the lowering (which one, why, with which onnxruntime) is written
+into the model's ``metadata_props`` under :data:`METADATA_PREFIX`; :func:`export_metadata` reads it
+back for ``verify-onnx``.
 
 Stage: graph reading for ONNX verification. It imports onnx and numpy (and :mod:`gnsurgeon.errors`),
 never torch or onnxruntime. onnx itself is imported inside the functions that build or read protos:
@@ -35,6 +40,7 @@ from .errors import GNSurgeonError
 
 __all__ = [
     "LOWERINGS",
+    "METADATA_PREFIX",
     "SCOPES_KEY",
     "GNSubgraph",
     "Lowering",
@@ -42,6 +48,7 @@ __all__ = [
     "extract_subgraph",
     "find_by_metadata",
     "find_by_pattern",
+    "export_metadata",
     "locate_group_norms",
     "model_input",
     "model_opset",
@@ -50,6 +57,7 @@ __all__ = [
 ]
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+METADATA_PREFIX = "gnsurgeon."  # model-level metadata_props written by export-onnx
 DEFAULT_EPS = 1e-5  # GroupNormalization's and InstanceNormalization's default epsilon
 
 
@@ -61,7 +69,7 @@ class GNSubgraph:
     nodes: list
     entry: str
     exit: str
-    form: str  # the Lowering's form (native | decomposed), or "other" when none matches
+    form: str  # the Lowering's form (native | decomposed | layernorm), or "other" when none matches
     mapped_by: str  # metadata | pattern
     graph_groups: int | None = None
     graph_eps: float | None = None
@@ -199,10 +207,55 @@ def _read_decomposed(graph: OnnxGraph, node) -> tuple[int | None, float]:
     return None, eps
 
 
+def _match_layernorm(graph: OnnxGraph, node) -> Match | None:
+    """``Reshape -> LayerNormalization(axis=2) -> Reshape``, then an optional affine tail; the scale
+    may be computed from the reshaped tensor's shape (``Shape -> Expand``: dynamic H/W)."""
+    head = graph.producer.get(node.input[0])
+    users = graph.consumers.get(node.output[0], [])
+    if head is None or head.op_type != "Reshape" or len(users) != 1 or users[0].op_type != "Reshape":
+        return None
+    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), -1)
+    if axis not in (2, -1) or any(o for o in node.output[1:]):
+        return None  # not over the groups of a (N, G, -1) reshape, or its statistics are used elsewhere
+    feeders = _shape_feeders(graph, node.input[1:], head.output[0])
+    if feeders is None:
+        return None
+    back = users[0]
+    extra = _shape_feeders(graph, back.input[1:], head.input[0]) or []
+    tail, exit_name = _affine_tail(graph, back.output[0])
+    return [head, *feeders, node, *extra, back, *tail], head.input[0], exit_name
+
+
+_SHAPE_OPS = {"Shape", "Slice", "Gather", "Concat", "Expand", "ConstantOfShape", "Cast", "CastLike", "Unsqueeze"}
+
+
+def _shape_feeders(graph: OnnxGraph, names, source: str) -> list | None:
+    """The non-constant nodes that compute ``names`` from ``source``'s shape (shape arithmetic only),
+    or None when something else feeds them."""
+    found, stack, seen = [], [n for n in names if n and n not in graph.constant], set()
+    while stack:
+        node = graph.producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        if node.op_type not in _SHAPE_OPS:
+            return None
+        seen.add(id(node))
+        found.append(node)
+        stack.extend(i for i in node.input if i and i != source and i not in graph.constant)
+    return sorted(found, key=lambda n: graph.order[id(n)])
+
+
+def _read_layernorm(graph: OnnxGraph, node) -> tuple[int | None, float]:
+    """eps from the LayerNormalization; G from the channel axis of the Reshape that feeds it."""
+    eps = next((float(a.f) for a in node.attribute if a.name == "epsilon"), DEFAULT_EPS)
+    return _read_decomposed(graph, node)[0], eps
+
+
 # Most specific first: a subgraph holding several anchors is described by the first lowering listed.
 LOWERINGS: tuple[Lowering, ...] = (
     Lowering("native", "GroupNormalization", _match_native, _read_native),
     Lowering("decomposed", "InstanceNormalization", _match_decomposed, _read_decomposed),
+    Lowering("layernorm", "LayerNormalization", _match_layernorm, _read_layernorm),
 )
 
 
@@ -414,3 +467,12 @@ def model_input(model) -> tuple[str, list]:
 def model_opset(model) -> int | None:
     """The default-domain opset the model is written for (None when it imports none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def export_metadata(model) -> dict[str, str]:
+    """What ``export-onnx`` recorded in the model's ``metadata_props`` (the lowering, why, the
+    onnxruntime version it was verified with), keys without :data:`METADATA_PREFIX`; {} for files
+    written elsewhere."""
+    return {
+        p.key[len(METADATA_PREFIX) :]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)
+    }

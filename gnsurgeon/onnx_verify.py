@@ -13,7 +13,13 @@ check has two levels:
    PyTorch fed that layer (cloned before any in-place op can change it) and on stress inputs: a mean
    offset of 100 with std 0.01, mean 1000 with std 1, near-constant groups, at batch 1 and batch > 1.
    onnxruntime's native GroupNormalization computes the variance as E[x²] − E[x]² and returns NaN on
-   the first of these; the InstanceNormalization form does not.
+   the first of these; the InstanceNormalization form does not, nor LayerNormalization in onnxruntime
+   1.32 (1.22 does). What a runtime computes is its version's business, so a file is re-checked on
+   the runtime at hand: a failing layer is reported with the lowering it uses and, where the file
+   says so (:func:`gnsurgeon.onnx_graph.export_metadata`), the onnxruntime version it was chosen with.
+
+Detection models (a list of images in, boxes out) take one image ``(C, H, W)`` per file input; files
+whose H and W are dynamic are run at a second size too.
 
 Tolerances, from float32 rounding (unit roundoff u = 6e-8):
 
@@ -55,7 +61,15 @@ from .errors import GNSurgeonError
 from .hooks import capture
 from .metrics import max_errors
 from .models import DataConfig
-from .onnx_graph import GNSubgraph, OnnxGraph, extract_subgraph, locate_group_norms, model_input, model_opset
+from .onnx_graph import (
+    GNSubgraph,
+    OnnxGraph,
+    export_metadata,
+    extract_subgraph,
+    locate_group_norms,
+    model_input,
+    model_opset,
+)
 from .options import NOT_IN_RECIPES
 from .probe import flatten_outputs, make_probe_input
 from .reach import split_reached, unreached_note
@@ -70,14 +84,16 @@ __all__ = [
     "VerifyFailure",
     "VerifyOptions",
     "VerifyReport",
+    "align_detections",
     "compare",
     "group_norm_modules",
     "group_stats",
     "kappa",
     "merged_into",
     "onnxruntime_message",
-    "require_tensor_task",
+    "runtime_session",
     "same_function",
+    "second_size",
     "stress_inputs",
     "verify_model",
     "verify_onnx",
@@ -99,6 +115,7 @@ class VerifyOptions:
     data: str | None = field(default=None, metadata=NOT_IN_RECIPES)  # image folder for real inputs
     max_images: int = 8
     stress: bool = True
+    threads: int = 0  # onnxruntime intra-op threads (0: its default); also what auto times at
     seed: int = field(default=0, metadata=NOT_IN_RECIPES)
 
     def __post_init__(self) -> None:
@@ -110,6 +127,8 @@ class VerifyOptions:
             raise GNSurgeonError(f"--batch must be at least 2 (it is the batch > 1 that is checked), got {self.batch}")
         if self.max_images < 1:
             raise GNSurgeonError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.threads < 0:
+            raise GNSurgeonError(f"--threads must be 0 (onnxruntime's default) or more, got {self.threads}")
 
 
 @dataclass
@@ -121,7 +140,9 @@ class VerifyReport:
     options: VerifyOptions
     input_shape: list = field(default_factory=list)
     dynamic_batch: bool = True
+    dynamic_size: bool = False  # H and W are dynamic axes: checked at a second size too
     opset: int | None = None
+    exported_with: dict = field(default_factory=dict)  # the file's gnsurgeon metadata (lowering, onnxruntime)
     checker: str = ""
     model_checks: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)
@@ -145,8 +166,20 @@ class VerifyReport:
         if layers:
             names = ", ".join(layers[:10]) + (f", ... {len(layers) - 10} more" if len(layers) > 10 else "")
             first = next(f for f in self.failures if isinstance(f, LayerMismatch))
-            parts.append(f"{len(layers)} GN layer(s) out of limits ({names}); first: {first}")
+            where = self._lowering_words(set(layers))
+            parts.append(f"{len(layers)} GN layer(s) out of limits ({names}) {where}; first: {first}")
         return "; ".join(parts)
+
+    def _lowering_words(self, failed: set[str]) -> str:
+        """"in the layernorm lowering (chosen by auto with onnxruntime 1.32.0) on onnxruntime 1.22.1":
+        which form broke, and on which runtime, for the headline."""
+        forms = sorted({r.get("form", "other") for r in self.layers if r["path"] in failed and not r["ok"]} - {"other"})
+        meta = self.exported_with
+        made = ""
+        if meta.get("gn_op") in forms and meta.get("gn_op_requested") == "auto" and meta.get("onnxruntime"):
+            made = f" (chosen by auto with onnxruntime {meta['onnxruntime']})"
+        lowering = f"in the {'/'.join(forms)} lowering{made} " if forms else ""
+        return f"{lowering}on onnxruntime {_onnxruntime_version()}"
 
     def to_dict(self) -> dict:
         opts = self.options
@@ -167,7 +200,10 @@ class VerifyReport:
             },
             "input_shape": self.input_shape,
             "dynamic_batch": self.dynamic_batch,
+            "dynamic_size": self.dynamic_size,
             "opset": self.opset,
+            "onnxruntime": _onnxruntime_version(),
+            "exported_with": self.exported_with,
             "checker": self.checker,
             "model": self.model_checks,
             "layers": self.layers,
@@ -230,7 +266,15 @@ def stress_inputs(shape: tuple[int, ...], groups: int, batch: int, seed: int) ->
     }
 
 
-def _session(model_or_path, threads: int = 0):
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def runtime_session(model_or_path, threads: int = 0):
+    """An onnxruntime CPU session for a model (proto or path), ``threads`` intra-op threads (0: the
+    runtime's default), logging off (failures are reported per check)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -269,16 +313,37 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[
 
 # ------------------------------------------------------------------------------------ the checks
 def _input_shape(dims: list, config: DataConfig, report: VerifyReport) -> tuple[int, ...]:
+    """One sample's shape from the file's input dims (the data config's where a dim is dynamic);
+    sets the report's batch and H/W dynamism. A detection file takes one image: no batch axis."""
     size = tuple(config.input_size)
-    if len(dims) != len(size) + 1:
+    single = config.task == "detection" and len(dims) == len(size)
+    if not single and len(dims) != len(size) + 1:
         raise GNSurgeonError(
             f"the ONNX input has rank {len(dims)}, but the model's data config expects {len(size) + 1} "
             f"(N, {', '.join(map(str, size))})"
         )
-    shape = tuple(d if isinstance(d, int) and d > 0 else s for d, s in zip(dims[1:], size, strict=True))
+    sample = dims if single else dims[1:]
+    shape = tuple(d if isinstance(d, int) and d > 0 else s for d, s in zip(sample, size, strict=True))
     if shape != size:
         report.notes.append(f"input size {list(shape)} taken from the ONNX file (data config says {list(size)})")
+    report.dynamic_batch = not single and not (isinstance(dims[0], int) and dims[0] > 0)
+    report.dynamic_size = len(shape) >= 3 and not all(isinstance(d, int) and d > 0 for d in sample[-2:])
+    batch = [] if single else ["batch" if report.dynamic_batch else dims[0]]
+    report.input_shape = [*batch, *shape[:-2], *[d if isinstance(d, int) and d > 0 else str(d) for d in sample[-2:]]]
     return shape
+
+
+def second_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The other sample shape a file with dynamic H and W is run at: H x 1.5 and W x 0.75, multiples
+    of 16 (at least 16), so that H != W and both differ from the export size."""
+    *lead, h, w = shape
+    return (*lead, max(16, h * 3 // 2 // 16 * 16), max(16, w * 3 // 4 // 16 * 16))
+
+
+def as_array(x) -> np.ndarray:
+    """The numpy feed for a probe input: a tensor, or a detector's one-image list (the file's input is
+    that image)."""
+    return (x[0] if isinstance(x, list) else x).numpy()
 
 
 def _load_images(options: VerifyOptions, config: DataConfig) -> torch.Tensor:
@@ -290,26 +355,61 @@ def _load_images(options: VerifyOptions, config: DataConfig) -> torch.Tensor:
 
 
 def _top1(out: np.ndarray, ref: np.ndarray) -> float | None:
-    if out.ndim != 2 or out.shape[1] < 2 or out.shape != ref.shape:
+    if out.ndim != 2 or out.shape[1] < 2 or out.shape != ref.shape or not len(out):
         return None
     return float((out.argmax(1) == ref.argmax(1)).mean())
 
 
-def _check_model(session, input_name: str, refs: list[np.ndarray], name: str, x: torch.Tensor, opts) -> dict:
-    row: dict = {"input": name, "batch": int(x.shape[0])}
+_DETECTION_FIELDS = ("boxes", "labels", "scores", "masks", "keypoints", "keypoints_scores")
+
+
+def align_detections(outs: list[np.ndarray], refs: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``outs`` with each image's detections reordered to PyTorch's order: detections whose scores
+    tie to float32 rounding (random weights: 100 boxes within 2e-3) come out of the sort in either
+    order. Each reference detection is paired with the nearest unused ONNX box of the same label; a
+    detection with no counterpart still shows as an error after the reordering."""
+    outs = list(outs)
+    images: dict[str, dict[str, int]] = {}
+    for i, name in enumerate(names):
+        prefix, _, key = name.rpartition(".")
+        if key in _DETECTION_FIELDS:
+            images.setdefault(prefix, {})[key] = i
+    for fields in images.values():
+        if "boxes" not in fields:
+            continue
+        ref_boxes, out_boxes = refs[fields["boxes"]], np.asarray(outs[fields["boxes"]])
+        if ref_boxes.shape != out_boxes.shape or not len(ref_boxes):
+            continue
+        cost = np.abs(ref_boxes[:, None, :] - out_boxes[None, :, :]).max(-1)
+        if "labels" in fields:
+            cost += 1e9 * (refs[fields["labels"]][:, None] != np.asarray(outs[fields["labels"]])[None, :])
+        order, used = [], np.zeros(len(out_boxes), bool)
+        for row in cost:
+            j = int(np.argmin(np.where(used, np.inf, row)))
+            used[j] = True
+            order.append(j)
+        for index in fields.values():
+            if len(outs[index]) == len(order):
+                outs[index] = np.asarray(outs[index])[order]
+    return outs
+
+
+def _check_model(session, input_name: str, refs: list, name: str, x, opts, names: list[str]) -> dict:
+    row: dict = {"input": name, "batch": len(x) if isinstance(x, list) else int(x.shape[0])}
     try:
-        outs = session.run(None, {input_name: x.numpy()})
+        outs = session.run(None, {input_name: as_array(x)})
     except Exception as exc:  # onnxruntime raises its own exception types
         row.update(ok=False, problem=f"onnxruntime failed: {onnxruntime_message(exc)}")
         return row
     if len(outs) != len(refs):
         row.update(ok=False, problem=f"{len(outs)} ONNX outputs, PyTorch returns {len(refs)}")
         return row
+    outs = align_detections(outs, refs, names)
     results = [compare(o, r, 1.0, opts.atol, opts.model_rtol) for o, r in zip(outs, refs, strict=True)]
     worst = max(results, key=error_ratio)
     row.update({k: worst[k] for k in ("max_abs", "max_rel", "limit", "nonfinite", "problem") if k in worst})
     row["ok"] = all(r["ok"] for r in results)
-    row["top1_agreement"] = _top1(np.asarray(outs[0]), refs[0])
+    row["top1_agreement"] = _top1(np.asarray(outs[0]), refs[0]) if names[:1] == ["output"] else None
     return row
 
 
@@ -363,7 +463,7 @@ def _check_layer(graph: OnnxGraph, sub: GNSubgraph, module: nn.GroupNorm, cases:
         row["note"] = "gamma = 0: the output is beta whatever the normalization computes"
     first = next(iter(cases.values()))[0]
     try:
-        session = _session(extract_subgraph(graph.model, sub, first.dim(), graph))
+        session = runtime_session(extract_subgraph(graph.model, sub, first.dim(), graph), opts.threads)
     except Exception as exc:  # onnxruntime raises its own exception types
         row["problems"].append(f"its subgraph does not load in onnxruntime: {onnxruntime_message(exc)}")
         row["ok"] = False
@@ -425,11 +525,9 @@ def _open_model(model, onnx_file: str | None, config: DataConfig, report: Verify
         report.checker = f"failed: {onnxruntime_message(exc)}"
         report.failures.append(CheckerFailure(reason=onnxruntime_message(exc)))
     input_name, dims = model_input(model)
-    report.dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
     shape = _input_shape(dims, config, report)
-    report.input_shape = [dims[0] if not report.dynamic_batch else "batch", *shape]
     try:
-        session = _session(onnx_file if onnx_file else model)
+        session = runtime_session(onnx_file if onnx_file else model, report.options.threads)
     except Exception as exc:
         raise GNSurgeonError(f"onnxruntime cannot load the ONNX model: {onnxruntime_message(exc)}") from None
     return session, input_name, shape
@@ -437,13 +535,24 @@ def _open_model(model, onnx_file: str | None, config: DataConfig, report: Verify
 
 def _model_inputs(config: DataConfig, options: VerifyOptions, report: VerifyReport) -> list[tuple[str, torch.Tensor]]:
     """``[(name, input)]`` for the whole-model check: random at batch 1 and batch > 1 (or at the fixed
-    batch the file was made for), then real images when ``options.data`` is given."""
-    static = None if report.dynamic_batch else report.input_shape[0]
+    batch the file was made for), at a second H x W when those are dynamic, then real images when
+    ``options.data`` is given. The per-layer check uses the last one's activations."""
+    detection = config.task == "detection"
+    static = None if report.dynamic_batch else (1 if detection else report.input_shape[0])
     batches = [1, options.batch] if static is None else [static]
     inputs = [(f"random, batch {b}", make_probe_input(config, batch=b, seed=options.seed + b)) for b in batches]
-    if static is not None:
+    if report.dynamic_size:
+        other = second_size(tuple(config.input_size))
+        other_config = DataConfig(**{**config.to_dict(), "input_size": other})
+        x = make_probe_input(other_config, batch=batches[0], seed=options.seed + 7)
+        inputs.insert(1, (f"random, batch {batches[0]}, {other[-2]}x{other[-1]}", x))
+    if detection:
+        report.notes.append("a detection file takes one image per run: other batch sizes are not checked")
+    elif static is not None:
         report.notes.append(f"the ONNX input has a fixed batch of {static}: other batch sizes are not checked")
-    if options.data:
+    if options.data and detection:
+        report.notes.append("--data is not used for detection models (they normalise their own [0, 1] images)")
+    elif options.data:
         images = _load_images(options, config)
         if static is None or len(images) >= static:
             images = images if static is None else images[:static]
@@ -462,8 +571,9 @@ def _check_whole_model(
     captured: dict[str, list[torch.Tensor]] = {}
     for i, (name, x) in enumerate(inputs):
         captured, out = _layer_inputs(reference, x, paths if i == len(inputs) - 1 else [])
-        refs = [t.float().numpy() for _, t in flatten_outputs(out)]
-        row = _check_model(session, input_name, refs, name, x, report.options)
+        flat = flatten_outputs(out)
+        refs = [t.float().numpy() for _, t in flat]
+        row = _check_model(session, input_name, refs, name, x, report.options, [n for n, _ in flat])
         report.model_checks.append(row)
         if not row["ok"]:
             report.failures.append(_model_failure(row))
@@ -540,7 +650,13 @@ def verify_model(
     ``reference`` (the PyTorch model it should compute, put in eval mode here)."""
     options = options or VerifyOptions()
     reference = reference.float().eval()
-    report = VerifyReport(onnx_file, source, options)
+    report = VerifyReport(onnx_file, source, options, exported_with=export_metadata(model))
+    made_with, here = report.exported_with.get("onnxruntime"), _onnxruntime_version()
+    if made_with and made_with != here:
+        report.notes.append(
+            f"the file's GN lowering ({report.exported_with.get('gn_op')}) was verified with onnxruntime "
+            f"{made_with}; re-checked here on onnxruntime {here}"
+        )
     start = time.perf_counter()
     session, input_name, shape = _open_model(model, onnx_file, config, report)
     report.timings["load"] = round(time.perf_counter() - start, 3)
@@ -583,14 +699,4 @@ def verify_onnx(
     except Exception as exc:  # DecodeError, OSError, missing external data
         raise GNSurgeonError(f"cannot read ONNX file {path}: {onnxruntime_message(exc)}") from None
     opened = open_source(source, source_options or SourceOptions(), model=model)
-    require_tensor_task(opened.data_config, source)
     return verify_model(proto, opened.model, opened.data_config, options, onnx_file=str(path), source=str(source))
-
-
-def require_tensor_task(config: DataConfig, source: str) -> None:
-    """Refuse a detection model before any work: export and verification feed one image tensor."""
-    if config.task == "detection":
-        raise GNSurgeonError(
-            f"{source} is a detection model (a list of images in, boxes out); ONNX export and "
-            "verification support models that take one image tensor"
-        )

@@ -430,9 +430,16 @@ def export_table(report: ExportReport) -> Table:
     folded = sum(r["action"] == Action.FOLDED for r in report.folds)
     kept = [r for r in report.folds if r["action"] != Action.FOLDED]
     table.add_row("output", report.output + ("" if report.written else "  (not written: verification failed)"))
-    table.add_row("opset / GN as", f"{graph.opset} / {graph.gn_op}")
-    table.add_row("input", f"{graph.input_shape} ({'dynamic' if graph.dynamic_batch else 'static'} batch)")
+    table.add_row("opset / GN as", f"{graph.opset} / {graph.gn_op} ({graph.exporter} exporter)")
+    if report.lowering is not None and graph.group_norms:
+        table.add_row("GN lowering, why", report.lowering.reason)
+    size = "dynamic H/W" if graph.dynamic_size else "static H/W"
+    batch = f"{'dynamic' if graph.dynamic_batch else 'static'} batch"
+    batch = "one image" if graph.exporter == "torchscript" else batch
+    table.add_row("input", f"{graph.input_shape} ({batch}, {size})")
     table.add_row("GroupNorm layers", str(graph.group_norms))
+    if report.centring:
+        table.add_row("GN centred (--center-groups)", centring_summary(report.centring))
     table.add_row("BN folded into conv/linear", f"{folded} of {len(report.folds)}" if report.folds else "none left")
     if kept:
         reasons = Counter(r["note"] for r in kept)
@@ -472,6 +479,22 @@ def export_weights_table(report: ExportWeightsReport) -> Table:
         table.add_row("note", note)
     table.add_row("load it with", report.usage)
     return table
+
+
+def centring_summary(rows: list[dict]) -> str:
+    """``--center-groups`` in one line: how many GN layers were centred, κ before -> after (worst
+    layer), the whole model's drift, and why the rest were kept."""
+    centred = [r for r in rows if r["action"] == "centred"]
+    text = f"{len(centred)} of {len(rows)}"
+    if centred:
+        before = max(r.get("kappa_before", 1.0) for r in centred)
+        after = max(r.get("kappa_after", 1.0) for r in centred)
+        drift = rows[0].get("model_drift", 0.0)
+        text += f"; kappa on the probe {before:.3g} -> {after:.3g} (worst layer); model drift {drift:.1e}"
+    kept = Counter(r["note"] for r in rows if r["action"] != "centred")
+    if kept:
+        text += "; kept: " + "; ".join(f"{n} {why}" for why, n in kept.items())
+    return text
 
 
 def _pairs(mapping: dict, prefix: str = "") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -54,3 +56,31 @@ def flatten(out) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in flatten(v)]
     return []
+
+
+class OldRuntime:
+    """An onnxruntime session that computes LayerNormalization as E[x²] − E[x]², like 1.22: NaN
+    wherever the input's mean is large next to its spread (here: mean |x| > 50)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def run(self, names, feed):
+        outs = self.session.run(names, feed)
+        x = next(iter(feed.values()))
+        return [np.full_like(o, np.nan) for o in outs] if np.abs(x).mean() > 50 else outs
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def old_runtime(real):
+    """``runtime_session`` as on onnxruntime 1.22: sessions of graphs with LayerNormalization break."""
+
+    def make(model_or_path, threads: int = 0):
+        session = real(model_or_path, threads)
+        proto = onnx.load(model_or_path) if isinstance(model_or_path, str) else model_or_path
+        uses_ln = any(n.op_type == "LayerNormalization" for n in proto.graph.node)
+        return OldRuntime(session) if uses_ln else session
+
+    return make

@@ -1,4 +1,5 @@
-"""ONNX export and verification: both GN forms, dynamic batch, BN folding, corrupted graphs, bad input.
+"""ONNX export and verification: every GN form (auto's choice recorded in the file), dynamic batch, BN
+folding, centring, corrupted graphs, a runtime that breaks the chosen form, bad input.
 
 Exports are the slow part (~5 s each with the dynamo exporter), so each model is exported once per
 module and the tests share the files.
@@ -19,17 +20,19 @@ from onnx import helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from gnsurgeon import load
+from gnsurgeon import load, onnx_export, onnx_verify
 from gnsurgeon.cli import app
 from gnsurgeon.onnx_export import export_model, fold_for_export
-from gnsurgeon.onnx_graph import SCOPES_KEY
+from gnsurgeon.onnx_graph import SCOPES_KEY, export_metadata
+from gnsurgeon.onnx_lowering import Candidate, LoweringChoice
 from gnsurgeon.onnx_verify import VerifyOptions, stress_inputs, verify_model
 from gnsurgeon.sources import DataConfig
 
-from .helpers import randomize_bn
+from .helpers import old_runtime, randomize_bn
 
 SMALL = ["--input-size", "3,64,64"]
 NATIVE_NAN_CASE = "mean 100, std 0.01, batch 1"
+ANCHOR = {"decomposed": "InstanceNormalization", "layernorm": "LayerNormalization", "native": "GroupNormalization"}
 
 
 def run(*args):
@@ -64,22 +67,30 @@ def export(tmp: Path, checkpoint: Path, name: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    """timm test_resnet converted to GN, exported in both modes (native without --force)."""
+    """timm test_resnet converted to GN, exported decomposed and native (native without --force)."""
     tmp = tmp_path_factory.mktemp("resnet")
     checkpoint = tmp / "gn.safetensors"
     assert run("convert", "timm:test_resnet", *SMALL, "-o", checkpoint, "-q").exit_code == 0
     native = export(tmp, checkpoint, "native", "--gn-op", "native")
-    return tmp, checkpoint, export(tmp, checkpoint, "decomposed"), native
+    return tmp, checkpoint, export(tmp, checkpoint, "decomposed", "--gn-op", "decomposed"), native
+
+
+@pytest.fixture(scope="module")
+def resnet_ln(resnet):
+    """The same checkpoint as the layernorm form, every GN centred in its producer's bias."""
+    tmp, checkpoint, _, _ = resnet
+    return tmp, checkpoint, export(tmp, checkpoint, "layernorm", "--gn-op", "layernorm", "--center-groups")
 
 
 @pytest.fixture(scope="module")
 def effnet(tmp_path_factory):
-    """timm test_efficientnet: BatchNormAct2d becomes GroupNormAct (GN + SiLU in one module)."""
+    """timm test_efficientnet: BatchNormAct2d becomes GroupNormAct (GN + SiLU in one module); exported
+    with the default (auto) and native (--force)."""
     tmp = tmp_path_factory.mktemp("effnet")
     checkpoint = tmp / "gn.safetensors"
     assert run("convert", "timm:test_efficientnet", *SMALL, "-o", checkpoint, "-q").exit_code == 0
     native = export(tmp, checkpoint, "native", "--gn-op", "native", "--force")
-    return tmp, checkpoint, export(tmp, checkpoint, "decomposed"), native
+    return tmp, checkpoint, export(tmp, checkpoint, "auto"), native
 
 
 def _layers_ok(data: dict) -> dict[str, bool]:
@@ -122,6 +133,94 @@ def test_resnet_native_fails_the_stress_check_not_the_whole_model(resnet):
         assert row["cases"]["activation, batch 3"]["ok"]
         nan_case = row["cases"][NATIVE_NAN_CASE]
         assert nan_case["max_abs"] is None and nan_case["nonfinite"] > 0 or row.get("note")
+
+
+def test_resnet_layernorm_with_centring_exports_and_verifies(resnet, resnet_ln, tmp_path):
+    _, checkpoint, (result, out, data) = resnet_ln
+    assert result.exit_code == 0, result.output
+    counts = ops(out)
+    assert counts["LayerNormalization"] == 15 and not {"InstanceNormalization", "GroupNormalization"} & set(counts)
+    layers = data["verification"]["layers"]
+    assert len(layers) == 15 and all(r["ok"] and r["form"] == "layernorm" for r in layers)
+    # LayerNormalization's centred variance (onnxruntime 1.32) beats InstanceNormalization's on the stress input.
+    decomposed = resnet[2][2]["verification"]["layers"]
+    worst = {name: max(r["cases"][NATIVE_NAN_CASE]["max_abs"] for r in rows)
+             for name, rows in (("ln", layers), ("in", decomposed))}  # fmt: skip
+    assert worst["ln"] < worst["in"]
+    # --center-groups: every GN here reads a conv's output alone, so each is centred; exact (float64 drift).
+    centring = data["centring"]
+    assert len(centring) == 15 and {r["action"] for r in centring} == {"centred"}
+    assert all(r["kappa_after"] <= r["kappa_before"] * 1.001 + 1e-3 and r["model_drift"] < 1e-6 for r in centring)
+    assert export_metadata(onnx.load(str(out)))["center_groups"] == "15"
+    # Without node metadata, the layernorm pattern finds every GN again.
+    model = onnx.load(str(out))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(model, str(stripped))
+    again = run("verify-onnx", stripped, checkpoint, "--json", tmp_path / "r.json", "-q")
+    assert again.exit_code == 0, again.output
+    rows = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert len(rows) == 15 and {(r["mapped_by"], r["form"]) for r in rows} == {("pattern", "layernorm")}
+
+
+def test_auto_export_records_its_choice_in_the_file_and_the_report(effnet, tmp_path):
+    _, checkpoint, (result, out, data), _ = effnet
+    assert result.exit_code == 0, result.output
+    lowering = data["lowering"]
+    form = data["gn_op"]
+    assert lowering["requested"] == "auto" and lowering["form"] == form and lowering["onnxruntime"] == ort.__version__
+    passed = {c["form"] for c in lowering["candidates"] if c["passed"]}
+    assert form in passed and "native" not in passed  # native: NaN on the stress input
+    assert ops(out)[ANCHOR[form]] == 13 and {r["form"] for r in data["verification"]["layers"]} == {form}
+    meta = export_metadata(onnx.load(str(out)))
+    assert (meta["gn_op"], meta["gn_op_requested"], meta["onnxruntime"]) == (form, "auto", ort.__version__)
+    assert meta["gn_op_reason"] == lowering["reason"] and json.loads(meta["gn_op_candidates"]) == lowering["candidates"]
+    assert "GN lowering, why" in text_of(result) and f"/ {form} (dynamo exporter)" in text_of(result)
+    again = run("verify-onnx", out, checkpoint, "-q", "--json", tmp_path / "v.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "v.json").read_text())["exported_with"]["gn_op"] == form
+
+
+def test_verify_fails_loudly_when_this_runtime_breaks_the_chosen_lowering(resnet_ln, tmp_path, monkeypatch):
+    """A file auto made with layernorm on onnxruntime 1.32, checked on a runtime that computes
+    LayerNormalization as E[x²] − E[x]² (1.22's behaviour, imitated): exit 1, the lowering, both
+    versions and the layers named."""
+    _, checkpoint, (_, out, _) = resnet_ln
+    model = onnx.load(str(out))
+    for prop in model.metadata_props:
+        if prop.key == "gnsurgeon.gn_op_requested":
+            prop.value = "auto"
+    edited = tmp_path / "auto-ln.onnx"
+    onnx.save(model, str(edited))
+    monkeypatch.setattr(onnx_verify, "runtime_session", old_runtime(onnx_verify.runtime_session))
+    monkeypatch.setattr(onnx_verify, "_onnxruntime_version", lambda: "1.22.1")
+    result = run("verify-onnx", edited, checkpoint, "-q")
+    assert result.exit_code == 1, result.output
+    text = text_of(result)
+    assert "verification failed: 15 GN layer(s) out of limits (conv1.1, " in text
+    chosen = f"chosen by auto with onnxruntime {ort.__version__}"
+    assert f"in the layernorm lowering ({chosen}) on onnxruntime 1.22.1" in text
+    assert f"verified with onnxruntime {ort.__version__}; re-checked here on onnxruntime 1.22.1" in text
+    assert "Traceback" not in text
+
+
+def test_auto_tries_the_next_form_when_the_models_own_layers_fail_the_first(resnet, tmp_path, monkeypatch):
+    """auto's probe passed layernorm, but this model's layers fail it on this runtime (imitated): the
+    export falls back to the next form that passed the probe, and says why in report and file."""
+    _, checkpoint, _, _ = resnet
+    probed = [Candidate("layernorm", 18, True, ms=1.0), Candidate("decomposed", 18, True, ms=2.0)]
+    choice = LoweringChoice("auto", "layernorm", "auto: probe", "x", 0, probed)
+    monkeypatch.setattr(onnx_export, "choose_lowering", lambda *a, **k: choice)
+    monkeypatch.setattr(onnx_verify, "runtime_session", old_runtime(onnx_verify.runtime_session))
+    result, out, data = export(tmp_path, checkpoint, "fallback")
+    assert result.exit_code == 0, result.output
+    lowering = data["lowering"]
+    assert (data["gn_op"], lowering["form"], lowering["rejected"]) == ("decomposed", "decomposed", ["layernorm"])
+    assert "layernorm failed the per-layer check on this model (15 layer(s): conv1.1, " in lowering["reason"]
+    assert lowering["reason"].endswith("so decomposed")
+    assert "InstanceNormalization" in ops(out) and "LayerNormalization" not in ops(out)
+    assert export_metadata(onnx.load(str(out)))["gn_op_reason"] == lowering["reason"]
 
 
 def test_groupnormact_model_in_both_modes(effnet):

@@ -113,7 +113,8 @@ def test_recipe_keys_are_derived_from_the_dataclasses():
     assert {"groups", "calibrate", "calib_samples", "bn_free"} <= convert
     assert not convert & {*SourceOptions.__dataclass_fields__, "probe"}  # a command line's, not a recipe's
     assert set(recipe_fields(ExportOptions)) == {
-        "opset", "gn_op", "dynamic_batch", "verify", "atol", "rtol", "model_rtol", "batch", "max_images", "stress"
+        "opset", "gn_op", "dynamic_batch", "dynamic_size", "center_groups", "verify", "atol", "rtol", "model_rtol",
+        "batch", "max_images", "stress", "threads",
     }  # fmt: skip
     assert set(recipe_fields(FinetuneOptions)) == {
         "steps", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "norm_weight_decay",

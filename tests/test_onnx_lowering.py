@@ -1,0 +1,122 @@
+"""The GN lowerings and ``auto``: each form computes GN, is found again in a graph without metadata,
+and auto's choice on the installed onnxruntime is the fastest form that passes the stress check;
+a runtime that breaks a form (onnxruntime 1.22's LayerNormalization, imitated here) makes auto
+fall back and verify-onnx fail naming the lowering and the layer.
+
+The probe graphs come from ``onnx.helper`` through the same lowering code the exporters use, so
+these tests need no exporter run (milliseconds each).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from gnsurgeon import onnx_lowering, onnx_verify
+from gnsurgeon.onnx_graph import OnnxGraph, export_metadata, extract_subgraph, locate_group_norms
+from gnsurgeon.onnx_lowering import (
+    FORMS,
+    TIE,
+    LoweringChoice,
+    choice_metadata,
+    choose_lowering,
+    probe_model,
+)
+
+from .helpers import old_runtime
+
+OPSETS = {"decomposed": 18, "layernorm": 18, "native": 21}
+NATIVE_NAN_CASE = "mean 100, std 0.01, batch 1"
+
+
+def gn_module(groups: int = 4, channels: int = 8, affine: bool = True) -> nn.GroupNorm:
+    torch.manual_seed(0)
+    module = nn.GroupNorm(groups, channels, affine=affine).eval()
+    if affine:
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_()
+    return module
+
+
+def run(model, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+# ------------------------------------------------------------------------------- the lowerings
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("form", FORMS)
+def test_each_lowering_computes_group_norm_and_is_found_by_pattern(form, static):
+    module = gn_module()
+    model = probe_model(form, OPSETS[form], module, (5, 6), static=static)
+    onnx.checker.check_model(model, full_check=True)
+    x = torch.randn(3, 8, 5, 6)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    np.testing.assert_allclose(run(model, x.numpy()), ref, atol=2e-5, rtol=0)
+    # No metadata: the pattern for this lowering finds the whole call, with its G and eps.
+    graph = OnnxGraph(model)
+    found, notes = locate_group_norms(model, {"gn": 1}, graph)
+    (sub,) = found["gn"]
+    assert (sub.form, sub.graph_groups, sub.graph_eps, sub.mapped_by) == (form, 4, pytest.approx(1e-5), "pattern")
+    assert notes
+    assert {n.op_type for n in model.graph.node if n.op_type != "Constant"} <= {n.op_type for n in sub.nodes}
+    np.testing.assert_allclose(run(extract_subgraph(model, sub, 4, graph), x.numpy()), ref, atol=2e-5, rtol=0)
+
+
+def test_layernorm_form_on_the_stress_input_is_exact_where_the_native_form_is_not():
+    """The point of the layernorm form on the installed onnxruntime (1.32: centred variance)."""
+    module = gn_module(groups=32, channels=64)
+    x = onnx_verify.stress_inputs((64, 28, 28), 32, 3, 0)[NATIVE_NAN_CASE]
+    with torch.no_grad():
+        ref = nn.functional.group_norm(x.double(), 32, module.weight.double(), module.bias.double()).numpy()
+    errors = {
+        form: float(np.abs(run(probe_model(form, OPSETS[form], module, (28, 28)), x.numpy()) - ref).max())
+        for form in FORMS
+    }
+    assert not np.isfinite(errors["native"])  # E[x²] − E[x]² in float32
+    assert errors["layernorm"] < 5e-3 and errors["decomposed"] < 5e-2
+
+
+# ------------------------------------------------------------------------------------- auto
+def test_auto_picks_the_fastest_form_that_passes_on_the_installed_runtime():
+    choice = choose_lowering(FORMS, OPSETS, threads=1, rounds=3)
+    assert choice.requested == "auto" and choice.onnxruntime == ort.__version__ and choice.threads == 1
+    by_form = {c.form: c for c in choice.candidates}
+    assert set(by_form) == set(FORMS) and all(c.ms is not None and c.ms > 0 for c in choice.candidates)
+    assert not by_form["native"].passed and "non-finite" in by_form["native"].problem
+    assert by_form["decomposed"].passed
+    picked = by_form[choice.form]
+    passing = [c for c in choice.candidates if c.passed]
+    assert picked.passed and picked.ms <= min(c.ms for c in passing) * (1 + TIE)
+    # An earlier form in FORMS within TIE of the pick would have been picked instead.
+    assert not any(c.ms <= min(p.ms for p in passing) * (1 + TIE) for c in passing[: passing.index(picked)])
+    assert choice.form in choice.reason and "native fails" in choice.reason and ort.__version__ in choice.reason
+
+
+def test_auto_falls_back_when_the_runtime_breaks_a_form(monkeypatch):
+    monkeypatch.setattr(onnx_lowering, "runtime_session", old_runtime(onnx_verify.runtime_session))
+    choice = choose_lowering(("decomposed", "layernorm"), OPSETS, threads=1, rounds=2)
+    by_form = {c.form: c for c in choice.candidates}
+    assert choice.form == "decomposed"
+    assert not by_form["layernorm"].passed and by_form["layernorm"].worst_error is None
+    assert "layernorm fails (mean 100" in choice.reason
+
+
+def test_metadata_round_trips_through_the_file(tmp_path):
+    choice = LoweringChoice("auto", "layernorm", "because", "1.32.0", 2, [])
+    model = probe_model("layernorm", 18, gn_module(), (4, 4))
+    for key, value in choice_metadata(choice, center_groups="off").items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    meta = export_metadata(onnx.load(str(tmp_path / "m.onnx")))
+    assert meta["gn_op"] == "layernorm" and meta["gn_op_requested"] == "auto" and meta["onnxruntime"] == "1.32.0"
+    assert (meta["gn_op_reason"], meta["threads"], meta["center_groups"]) == ("because", "2", "off")
+    assert json.loads(meta["gn_op_candidates"]) == []
