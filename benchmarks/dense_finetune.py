@@ -19,7 +19,7 @@ and measure agreement with the BN teacher on held-out scenes at each point:
 
 Run (one benchmark at a time on the shared machine)::
 
-    flock /work/notes/bench.lock python benchmarks/dense_finetune.py [--quick] [--steps 300] [--threads 2]
+    python benchmarks/dense_finetune.py [--quick] [--steps 300] [--threads 2]
 """
 
 from __future__ import annotations
