@@ -101,7 +101,33 @@ def is_readable(path: str | Path) -> bool:
     return True
 
 
-class ImageFolderData(Dataset):
+class _FolderSamples(Dataset):
+    """``(path, label)`` samples of a folder, each read and transformed on demand; one that cannot be
+    read (PIL and PyAV raise many types for truncated or corrupt files) yields ``(None, label, path)``,
+    so it is counted and skipped by :func:`collate_skip_broken`, never fatal."""
+
+    samples: list
+    classes: list
+
+    def read(self, path: Path):
+        raise NotImplementedError
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return self.read(path), label, str(path)
+        except Exception:  # PIL and PyAV raise many types for truncated/corrupt files
+            return None, label, str(path)
+
+
+class ImageFolderData(_FolderSamples):
     """Images from a folder, transformed; a broken image yields ``(None, label, path)``.
 
     ``limit`` takes that many images in a seeded random order. ``readable_only`` decodes each one
@@ -133,19 +159,8 @@ class ImageFolderData(Dataset):
         self.samples = [self.samples[i] for i in sorted(chosen)]
         self.transform = transform
 
-    @property
-    def labeled(self) -> bool:
-        return bool(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            return self.transform(_open_rgb(path)), label, str(path)
-        except Exception:  # PIL raises many types for truncated/corrupt files
-            return None, label, str(path)
+    def read(self, path: Path):
+        return self.transform(_open_rgb(path))
 
 
 def collate_skip_broken(batch):
@@ -302,7 +317,7 @@ def clip_transform(config: DataConfig, train: bool, hflip: float = 0.5, scale: t
     return transform
 
 
-class ClipFolderData(Dataset):
+class ClipFolderData(_FolderSamples):
     """Clips from a folder (:func:`scan_clip_folder`), ``frames`` per clip, transformed; a clip that
     cannot be read (a corrupt video, an unreadable frame) yields ``(None, label, path)`` like a
     broken image, so it is counted and skipped, never fatal."""
@@ -314,16 +329,5 @@ class ClipFolderData(Dataset):
         self.frames = frames
         self.train = train
 
-    @property
-    def labeled(self) -> bool:
-        return bool(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            return self.transform(read_clip(path, self.frames, self.train)), label, str(path)
-        except Exception:  # PyAV and PIL raise many types for corrupt files
-            return None, label, str(path)
+    def read(self, path: Path):
+        return self.transform(read_clip(path, self.frames, self.train))
