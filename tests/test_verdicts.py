@@ -18,10 +18,13 @@ def test_headline_and_json_from_typed_failures():
         LayerMismatch(layer="bn1", reason="second call"),
     ]
     assert not report.ok and report.failed_layers == ["bn1", "layer1.bn2", "bn1"]
-    assert report.headline() == (
+    import onnxruntime
+
+    assert report.headline() == (  # the layer part names the runtime that computed it (#14)
         "onnx.checker rejects the model: bad node; "
         "model output on random, batch 1: max abs 1.00e-01 > limit 1.00e-04; "
-        "2 GN layer(s) out of limits (bn1, layer1.bn2); first: layer bn1: graph uses G=8, the module G=16"
+        f"2 GN layer(s) out of limits (bn1, layer1.bn2) on onnxruntime {onnxruntime.__version__}; "
+        "first: layer bn1: graph uses G=8, the module G=16"
     )
     assert report.to_dict()["failures"][3] == "layer layer1.bn2: no GN subgraph found in the ONNX graph"
 
