@@ -401,7 +401,10 @@ def _torchvision_layout(info: CheckpointInfo, model: nn.Module, target: str | No
     with torch.device("meta"):  # structure only, as for timm
         built = _torchvision_builder(name, norm_layer, kwargs)
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    usage = f"model = torchvision.models.{name}(norm_layer={norm_text}{extra}); model.load_state_dict(torch.load(OUT))"
+    usage = (
+        f"model = torchvision.models.{name}(norm_layer={norm_text}{extra}); "
+        "model.load_state_dict(torch.load(OUT, weights_only=True))"
+    )
     return Layout(
         f"torchvision:{name}",
         built,
@@ -442,7 +445,8 @@ def _detection_layout(info: CheckpointInfo, model: nn.Module, target: str | None
     usage = (
         f'backbone = resnet_fpn_backbone(backbone_name="{name}", weights=None, norm_layer={norm_text}, '
         "trainable_layers=5); model = FasterRCNN(backbone, num_classes=91); "
-        "model.load_state_dict(torch.load(OUT), strict=False)  # fills backbone.body; FPN and heads start fresh"
+        "model.load_state_dict(torch.load(OUT, weights_only=True), strict=False)  "
+        "# fills backbone.body; FPN and heads start fresh"
     )
     with torch.device("meta"):  # structure only, as for timm
         built = _fasterrcnn(name, norm_layer)
