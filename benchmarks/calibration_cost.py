@@ -19,6 +19,12 @@ steps). The last table extrapolates the whole default calibration (256 images: 2
 out; layer fit, 150 steps per block, 300 end-to-end steps) from those two runs: the layer fit and
 the cache's propagation scale with the images, tuning with the steps, each pass's held-out scoring
 and the report's metrics with the held-out images.
+
+The machine may be shared (note `uptime` before and after): each row also gives the CPU seconds
+of its calibration (all threads), the cached/streaming ratio is given in both, and the
+extrapolation has a second total scaled by each run's CPU seconds per thread over its wall seconds:
+an estimate of the time on an unloaded machine (threads spinning while they wait for a core make it
+an over-estimate).
 """
 
 from __future__ import annotations
@@ -82,13 +88,13 @@ def child(args: argparse.Namespace) -> None:
         cache=cache,
         cache_mem=cache_mem,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     calibrated, report = calibrate(teacher, student, plan, config, options)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     torch.save(calibrated.state_dict(), Path(args.folder).parent / f"{args.model}-{args.mode}.pt")
     out = report.to_dict()
     keep = ("samples", "holdout", "phases", "memory", "cache", "layers", "after")
-    print(json.dumps({k: out[k] for k in keep} | {"seconds": seconds}))
+    print(json.dumps({k: out[k] for k in keep} | {"seconds": seconds, "cpu_seconds": cpu_seconds}))
 
 
 def _run_child(args: argparse.Namespace, folder: Path, model: str, mode: str) -> dict:
@@ -101,6 +107,12 @@ def _run_child(args: argparse.Namespace, folder: Path, model: str, mode: str) ->
     if done.returncode:
         sys.exit(f"{model} {mode} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _unloaded(r: dict, threads: int) -> float:
+    """How much a loaded machine stretched this child: wall seconds over CPU seconds per thread. On a
+    shared machine, CPU seconds / threads estimates the wall time the child would take alone."""
+    return (r["cpu_seconds"] / threads) / max(r["seconds"], 1e-9)
 
 
 def _max_param_difference(a: dict, b: dict) -> float:
@@ -122,8 +134,8 @@ def _row(model: str, r: dict, base: dict, params: float) -> str:
     cached = f"{cache['bytes_cached'] / 2**20:.0f}" if cache["mode"] != "off" else "0"
     return (
         f"| {model} | {where} | {ph.get('layer_fit', 0):.1f} | {ph.get('block_tuning', 0):.1f} "
-        f"| {ph.get('propagation', 0):.1f} | {ph.get('scoring', 0):.1f} | {_core(r):.1f} "
-        f"| {r['memory'].get('peak_rss_mb', 0):.0f} | {cached} | {sum(errors.values()) / len(errors):.4f} "
+        f"| {ph.get('propagation', 0):.1f} | {ph.get('scoring', 0):.1f} | {_core(r):.1f} | {r['cpu_seconds']:.0f} "
+        f"| {r['memory'].get('peak_rss_mb', 0):.0f} | {cached} | {sum(errors.values()) / len(errors):.3g} "
         f"| {worst:.1e} | {params:.1e} | {cosine:+.1e} | {cache['resyncs']} |"
     )
 
@@ -188,19 +200,28 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
     )
     print(
         "| model | cache | layer fit (s) | block tuning (s) | propagation (s) | keep/undo scoring (s) | total (s) "
+        "| CPU (s, all threads) "
         "| peak RSS (MiB) | cached (MiB) | mean layer error after | max Δ error vs streaming "
         "| max relative Δ parameter vs streaming | Δ held-out logits cosine vs streaming | re-syncs |"
     )
-    print("|---|---|" + "---:|" * 12)
+    print("|---|---|" + "---:|" * 13)
     for (model, mode), r in results.items():
         base_key = (model, "off") if (model, "off") in results else (model, mode)
         base = results[base_key]
         print(_row(model, r, base, _max_param_difference(params[base_key], params[(model, mode)])))
-    print("\n| model | cached / streaming time (total) |\n|---|---:|")
+    print(
+        "\n| model | cached / streaming: layer fit + tuning + propagation + scoring, wall "
+        "| whole calibration, wall | whole calibration, CPU |\n|---|---:|---:|---:|"
+    )
     for model in args.models:
         if (model, "off") in results and (model, "ram") in results:
-            ratio = _core(results[(model, "ram")]) / _core(results[(model, "off")])
-            print(f"| {model} | {ratio:.3f} |")
+            cached, streamed = results[(model, "ram")], results[(model, "off")]
+            ratios = (
+                _core(cached) / _core(streamed),
+                cached["seconds"] / streamed["seconds"],
+                cached["cpu_seconds"] / streamed["cpu_seconds"],
+            )
+            print(f"| {model} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
     if not e2e:
         return
     print(
@@ -209,14 +230,17 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
         f"{args.final_steps} end-to-end steps at batch 2 × 32 (minutes):\n"
     )
     parts = list(_whole_default(first, first, 1, 1))
-    print("| model | " + " | ".join(parts) + " | total | end-to-end peak RSS (MiB) |")
-    print("|---|" + "---:|" * (len(parts) + 2))
+    print("| model | " + " | ".join(parts) + " | total | total, at CPU time / threads | end-to-end peak RSS (MiB) |")
+    print("|---|" + "---:|" * (len(parts) + 3))
     for model in args.models:
         if (model, "ram") in results and model in e2e:
             est = _whole_default(results[(model, "ram")], e2e[model], args.steps, args.final_steps)
             cells = " | ".join(f"{v / 60:.1f}" for v in est.values())
             rss = e2e[model]["memory"].get("peak_rss_mb", 0)
-            print(f"| {model} | {cells} | {sum(est.values()) / 60:.1f} | {rss:.0f} |")
+            e2e_part = est["end to end"]
+            alone = (sum(est.values()) - e2e_part) * _unloaded(results[(model, "ram")], args.threads)
+            alone += e2e_part * _unloaded(e2e[model], args.threads)
+            print(f"| {model} | {cells} | {sum(est.values()) / 60:.1f} | {alone / 60:.1f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

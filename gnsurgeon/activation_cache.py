@@ -73,22 +73,23 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*(%|[kmgt]?)(?:i?b)?\s*$", re
 # ---------------------------------------------------------------- budgets
 
 
-def budget_bytes(spec: int | str, free: int) -> int:
+def budget_bytes(spec: int | str, free: int, option: str = "--calib-cache-mem") -> int:
     """Bytes allowed by ``spec``: a byte count (``8000000000``, ``"8G"``, ``"512MiB"``: powers of
-    1024) or a share of the ``free`` bytes (``"50%"``)."""
+    1024) or a share of the ``free`` bytes (``"50%"``); a malformed ``spec`` is an error naming
+    ``option``."""
     if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-        raise GNSurgeonError(f"the calibration cache budget {spec!r} is not a size such as 8G, 512M or 50%")
+        raise GNSurgeonError(f"{option} {spec!r} is not a size such as 8G, 512M or 50%")
     if isinstance(spec, int):
         if spec < 0:
-            raise GNSurgeonError(f"the calibration cache budget {spec} is negative")
+            raise GNSurgeonError(f"{option} {spec} is negative")
         return spec
     match = _SIZE.match(spec)
     if not match:
-        raise GNSurgeonError(f"the calibration cache budget {spec!r} is not a size such as 8G, 512M or 50%")
+        raise GNSurgeonError(f"{option} {spec!r} is not a size such as 8G, 512M or 50%")
     number, unit = float(match.group(1)), match.group(2).lower()
     if unit == "%":
         if number > 100:
-            raise GNSurgeonError(f"the calibration cache budget {spec!r} is more than 100% of the free memory")
+            raise GNSurgeonError(f"{option} {spec!r} is more than 100% of the free memory")
         return int(free * number / 100)
     return int(number * _UNITS[unit])
 

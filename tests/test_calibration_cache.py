@@ -221,11 +221,11 @@ def test_budget_sizes_and_option_checks(images):
     assert budget_bytes("8G", 0) == 8 * 2**30 and budget_bytes("512MiB", 0) == 512 * 2**20
     assert budget_bytes("50%", 1000) == 500 and budget_bytes(1234, 0) == 1234 and budget_bytes("2e3", 0) == 2000
     for bad in ("lots", "150%", -1, 1.5):
-        with pytest.raises(GNSurgeonError, match="calibration cache budget"):
+        with pytest.raises(GNSurgeonError, match="--calib-cache-mem"):
             budget_bytes(bad, 100)
     with pytest.raises(GNSurgeonError, match="--calib-cache 'gpu' is not one of"):
         _options(images, cache="gpu").check()
-    with pytest.raises(GNSurgeonError, match="budget 'big'"):
+    with pytest.raises(GNSurgeonError, match="--calib-cache-mem 'big' is not a size"):
         _options(images, cache_mem="big").check()
 
 
