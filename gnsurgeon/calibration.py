@@ -113,6 +113,7 @@ class CalibrationOptions:
     final_features: float = 0.0  # weight of matching every calibration block's output in the end-to-end pass
     final_checks: int = 1  # held-out scores during the end-to-end pass; the best-scoring parameters are kept
     photometric: float = 0.0  # contrast/brightness jitter strength of the end-to-end batches and the copies
+    copy_mix: bool = False  # the copies are mixup pairs of the batch's images (then shifted/scaled, jittered)
     copies: int = 0  # jittered copies of each calibration batch, seen by every pass (layer fit, blocks, end to end)
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
@@ -623,7 +624,11 @@ def _with_copies(stream: Callable[[], Iterable[torch.Tensor]], options: Calibrat
             yield x
             for k in range(options.copies):
                 gen = torch.Generator().manual_seed(options.seed * 1_000_003 + i * 1009 + k + 17)
-                y = _shifted(x, gen) if x.dim() == 4 else x
+                y = x
+                if options.copy_mix and len(x) > 1:
+                    lam = torch.rand(len(x), *([1] * (x.dim() - 1)), generator=gen).to(x)
+                    y = lam * x + (1 - lam) * x[torch.randperm(len(x), generator=gen).to(x.device)]
+                y = _shifted(y, gen) if x.dim() == 4 else y
                 yield _photometric(y, gen, options.photometric) if options.photometric > 0 else y
 
     return iterate

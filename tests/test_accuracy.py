@@ -112,3 +112,22 @@ def test_measure_gn_fit_leaves_the_teacher_as_it_was(contrast_images):
     errors = measure_gn_fit(model, gnsurgeon.make_plan(model), CONFIG, options)
     assert errors and all(0 <= e <= 1 for e in errors.values())
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_copies_are_jittered_and_the_same_on_every_pass():
+    """Every pass (layer fit, block tuning, the cache's re-syncs) must see the same copies, or the
+    student's and the original's cached inputs would not line up."""
+    from gnsurgeon.calibration import _with_copies
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(3)]
+    stream = _with_copies(lambda: iter(batches), CalibrationOptions(copies=2, photometric=0.3))
+    first, second = list(stream()), list(stream())
+    assert len(first) == 9
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert torch.equal(first[0], batches[0]) and torch.equal(first[3], batches[1])
+    for copy in (first[1], first[2]):
+        assert copy.shape == batches[0].shape and not torch.allclose(copy, batches[0], atol=1e-3)
+    assert not torch.allclose(first[1], first[2])
+    off = _with_copies(lambda: iter(batches), CalibrationOptions(copies=0))
+    assert len(list(off())) == 3
