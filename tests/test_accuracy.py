@@ -11,6 +11,7 @@ from torch import nn
 import gnsurgeon
 from gnsurgeon import ConvertOptions
 from gnsurgeon.calibration import CalibrationOptions, gn_fit_errors, measure_gn_fit
+from gnsurgeon.checkpoint import read_checkpoint
 from gnsurgeon.errors import GNSurgeonError
 from gnsurgeon.plan import Action, freeze_where_gn_fails, frozen_budget
 from gnsurgeon.sources import DataConfig
@@ -131,3 +132,22 @@ def test_copies_are_jittered_and_the_same_on_every_pass():
     assert not torch.allclose(first[1], first[2])
     off = _with_copies(lambda: iter(batches), CalibrationOptions(copies=0))
     assert len(list(off())) == 3
+
+
+def test_cli_max_frozen_reaches_the_plan_and_needs_calibrate(contrast_images, tmp_path):
+    """The flag is a real option of `convert`: it changes the saved plan, and without --calibrate it is
+    refused in one sentence (exit 2) before anything is written."""
+    from typer.testing import CliRunner
+
+    from gnsurgeon.cli import app
+
+    base = ["convert", "timm:test_resnet", "--num-classes", "10", "--input-size", "3,32,32"]
+    refused = CliRunner().invoke(app, [*base, "--max-frozen", "1", "-o", str(tmp_path / "a.safetensors")])
+    assert refused.exit_code == 2 and "--max-frozen needs --calibrate" in refused.output
+    assert not (tmp_path / "a.safetensors").exists()
+    args = [*base, "--max-frozen", "1", "--calibrate", str(contrast_images), "--calib-samples", "16"]
+    args += ["--calib-steps", "1", "--calib-final-steps", "0", "-o", str(tmp_path / "b.safetensors")]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    frozen = read_checkpoint(tmp_path / "b.safetensors").plan.with_action(Action.FROZEN)
+    assert len(frozen) == 1 and "kept as BN*" in frozen[0].note
