@@ -110,6 +110,11 @@ class CalibrationOptions:
     final_lr: float = 1e-3
     final_mix: bool = True  # label-free mixup of the calibration images: more distinct inputs, less overfit
     final_augment: bool = True  # random shifts and scales of the images (the original labels whatever it sees)
+    final_features: float = 0.0  # weight of matching every calibration block's output in the end-to-end pass
+    final_checks: int = 1  # held-out scores during the end-to-end pass; the best-scoring parameters are kept
+    photometric: float = 0.0  # contrast/brightness jitter strength of the end-to-end batches and the copies
+    copy_mix: bool = False  # the copies are mixup pairs of the batch's images (then shifted/scaled, jittered)
+    copies: int = 0  # jittered copies of each calibration batch, seen by every pass (layer fit, blocks, end to end)
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
     # Where block-boundary activations are cached: "auto" (memory if it fits, float16, then disk, else
@@ -570,6 +575,28 @@ def _logits_divergence(student, teacher, loader_fn) -> float | None:
     return total / count if count else None
 
 
+def _shifted(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image randomly shifted (±1/8 of its side) and scaled (±10%), borders reflected."""
+    n = len(x)
+    scale = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.2  # ±10%
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.25  # ±1/8 of the image
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+
+
+def _photometric(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Each image's contrast about its own mean times a factor in [1/(1+s), 1+s] (log-uniform) and its
+    brightness moved by up to ±s/2 (in the normalised input's units, about ±s/8 of the pixel range)."""
+    shape = (len(x),) + (1,) * (x.dim() - 1)
+    contrast = torch.exp((torch.rand(shape, generator=gen) * 2 - 1) * math.log1p(strength)).to(x)
+    offset = ((torch.rand(shape, generator=gen) - 0.5) * strength).to(x)
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return (x - mean) * contrast + mean + offset
+
+
 def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Generator) -> torch.Tensor:
     """More distinct inputs from one batch, without labels: the original's logits are the target
     wherever the input lies, so mixup pairs and shifted/scaled copies are all valid training points."""
@@ -578,15 +605,33 @@ def _distinct_inputs(x: torch.Tensor, options: CalibrationOptions, gen: torch.Ge
         perm = torch.randperm(len(x), generator=gen).to(x.device)
         x = torch.cat([x, lam * x + (1 - lam) * x[perm]])
     if options.final_augment and x.dim() == 4:
-        n = len(x)
-        scale = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.2  # ±10%
-        shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.25  # ±1/8 of the image
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = scale
-        theta[:, :, 2] = shift
-        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+        x = _shifted(x, gen)
+    if options.photometric > 0:
+        x = _photometric(x, gen, options.photometric)
     return x
+
+
+def _with_copies(stream: Callable[[], Iterable[torch.Tensor]], options: CalibrationOptions):
+    """``stream`` with ``options.copies`` jittered copies after each batch (shifted/scaled when the
+    input is an image, and photometric jitter): more distinct inputs for the layer fit and the block
+    passes too, not only the end-to-end pass. Each copy is seeded by (seed, batch, copy), so every
+    pass over the stream yields the same images (the cache re-synchronises on them)."""
+    if options.copies <= 0:
+        return stream
+
+    def iterate() -> Iterator[torch.Tensor]:
+        for i, x in enumerate(stream()):
+            yield x
+            for k in range(options.copies):
+                gen = torch.Generator().manual_seed(options.seed * 1_000_003 + i * 1009 + k + 17)
+                y = x
+                if options.copy_mix and len(x) > 1:
+                    lam = torch.rand(len(x), *([1] * (x.dim() - 1)), generator=gen).to(x)
+                    y = lam * x + (1 - lam) * x[torch.randperm(len(x), generator=gen).to(x.device)]
+                y = _shifted(y, gen) if x.dim() == 4 else y
+                yield _photometric(y, gen, options.photometric) if options.photometric > 0 else y
+
+    return iterate
 
 
 def _final_pass(
@@ -598,6 +643,7 @@ def _final_pass(
     tick=None,
     held_out=None,
     clock: _Clock | None = None,
+    features: list[str] | None = None,
 ) -> dict:
     """Match the original's class logits end to end (KL, no labels) for a few hundred steps.
 
@@ -607,8 +653,11 @@ def _final_pass(
     Block-local fits cannot undo what GN removes where groups see a handful of values (1×1 and 2×2
     maps late in small-input MobileNets); layers downstream have to compensate. Each batch is
     widened by :func:`_distinct_inputs` (seeded), without which the pass overfits the few hundred
-    calibration images. The divergence on ``held_out()`` (images the pass does not train on; default
-    the training images) is measured before and after; a pass that did not lower it is undone.
+    calibration images. With ``options.final_features`` the outputs of the blocks at ``features``
+    are matched too (relative MSE), which keeps the inside of the student near the original's while
+    its logits move. The divergence on ``held_out()`` (images the pass does not train on; default
+    the training images) is measured before, every ``options.final_checks``-th of the run and after;
+    the parameters that scored best are kept (the ones before the pass when none beat them).
     Memory: one training step of the model.
     """
     name = "(end to end)"
@@ -619,35 +668,77 @@ def _final_pass(
     if before is None:
         return {"block": name, "steps": 0, "note": "the model does not output class logits"}
     params = _tunable(student, student, protected)
-    snapshot = copy.deepcopy(student.state_dict())
+    best = _Best(before, copy.deepcopy(student.state_dict()), 0)
+
+    def score(step: int) -> None:
+        with clock.timed("scoring"):
+            loss = _logits_divergence(student, teacher, held_out)
+        if loss < best.loss:
+            best.loss, best.state, best.step = loss, copy.deepcopy(student.state_dict()), step
+
     with clock.timed("end_to_end"):
-        steps = _match_logits(student, teacher, loader_fn, params, options, tick)
-    with clock.timed("scoring"):
-        after = _logits_divergence(student, teacher, held_out)
-    result = {"block": name, "steps": steps, "loss_first": before, "loss_last": after}
-    # Never leave the model further from its original than the block fits did.
-    return _keep_if_lower(student, snapshot, result, "the logits divergence")
+        steps = _match_logits(student, teacher, loader_fn, params, options, tick, features or [], score)
+    student.load_state_dict(best.state)
+    result = {"block": name, "steps": steps, "loss_first": before, "loss_last": best.loss, "kept_step": best.step}
+    if best.step == 0:  # never leave the model further from its original than the block fits did
+        result["note"] = "reverted: tuning did not lower the logits divergence"
+    return result
+
+
+@dataclass
+class _Best:
+    """The best held-out score of a tuning run so far, the parameters that scored it, and at which step."""
+
+    loss: float
+    state: dict
+    step: int
+
+
+def _feature_loss(student_out: dict, teacher_out: dict) -> torch.Tensor | float:
+    """Mean over blocks of the relative MSE between the student's and the original's block outputs."""
+    losses = [
+        F.mse_loss(s[-1], teacher_out[p][-1]) / teacher_out[p][-1].var().clamp_min(1e-12)
+        for p, s in student_out.items()
+        if p in teacher_out and isinstance(s[-1], torch.Tensor)
+    ]
+    return sum(losses) / len(losses) if losses else 0.0
 
 
 def _match_logits(
-    student, teacher, loader_fn, params: list[nn.Parameter], options: CalibrationOptions, tick=None
+    student,
+    teacher,
+    loader_fn,
+    params: list[nn.Parameter],
+    options: CalibrationOptions,
+    tick=None,
+    features: list[str] | None = None,
+    score: Callable[[int], None] | None = None,
 ) -> int:
-    """Tune ``params`` (Adam, cosine-decayed) so the student's class logits match the original's
-    on widened batches, for ``options.final_steps`` steps; return the steps taken."""
+    """Tune ``params`` (Adam, cosine-decayed) so the student's class logits (and, weighted by
+    ``options.final_features``, its block outputs at ``features``) match the original's on widened
+    batches, for ``options.final_steps`` steps; ``score(step)`` is called every
+    ``options.final_checks``-th of the run and at the end. Returns the steps taken."""
     if options.final_steps <= 0:
         return 0
     opt = torch.optim.Adam(params, lr=options.final_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, options.final_steps))
     gen = torch.Generator().manual_seed(options.seed + 1)
+    watched = features if options.final_features > 0 else []
+    every = max(1, options.final_steps // max(1, options.final_checks))
     steps = 0
     for x in _cycle(loader_fn):
         x = _distinct_inputs(x, options, gen)
-        with torch.no_grad():
-            target = class_scores(teacher(x))
-        _optimizer_step(opt, schedule, kl_divergence(class_scores(student(x)), target))
+        target = capture(teacher, x, outputs=watched)
+        out = capture(student, x, outputs=watched, grad="grad")
+        loss = kl_divergence(class_scores(out.result), class_scores(target.result))
+        if watched:
+            loss = loss + options.final_features * _feature_loss(out.outputs, target.outputs)
+        _optimizer_step(opt, schedule, loss)
         steps += 1
         if tick:
             tick()
+        if score and (steps % every == 0 or steps >= options.final_steps):
+            score(steps)
         if steps >= options.final_steps:
             break
     return steps
@@ -702,6 +793,51 @@ def _sampled_pre_activations(model: nn.Module, paths: list[str], x: torch.Tensor
 
     seen = capture(model, x, inputs=paths, transform=sampled)
     return {path: calls[-1].first for path, calls in seen.inputs.items()}
+
+
+@torch.no_grad()
+def gn_fit_errors(teacher: nn.Module, plan: Plan, batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, float]:
+    """Per layer the plan turns into GN: the share of its BN original's output variance that no GN
+    can reproduce, 1 − R² of the best per-channel affine of the GN-normalised input (the closed-form
+    layer fit), measured on the original's own inputs over ``batches()``.
+
+    On the original's inputs nothing upstream is wrong yet, so this is what GN loses at that layer
+    alone: BN in inference passes on each image's brightness, contrast and per-channel offsets;
+    GN divides them out per sample and group. A stem conv on photos, or a layer on 1×1/2×2 maps,
+    scores high; one forward per batch, five running sums per channel per layer.
+    """
+    layers = {lp.path: lp for lp in plan.with_action(Action.GN)}
+
+    def sums(path: str, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        lp = layers[path]
+        y = _channels_last_flat(_bn_pre_activation(bn, x))
+        z = _channels_last_flat(F.group_norm(x, lp.groups, None, None, lp.eps))
+        n = torch.full_like(z[:, 0], z.shape[1])
+        return torch.stack([z.sum(1), y.sum(1), (z * z).sum(1), (z * y).sum(1), (y * y).sum(1), n])
+
+    total: dict[str, torch.Tensor] = {}
+    for x in batches():
+        seen = capture(teacher, x, inputs=list(layers), transform=sums)
+        for path, calls in seen.inputs.items():
+            for call in calls:
+                total[path] = total[path] + call.first if path in total else call.first
+    errors = {}
+    for path, (sz, sy, szz, szy, syy, n) in total.items():
+        var_z = szz / n - (sz / n) ** 2
+        var_y = syy / n - (sy / n) ** 2
+        cov = szy / n - (sz / n) * (sy / n)
+        unexplained = (var_y - cov**2 / var_z.clamp_min(1e-12)).clamp_min(0)
+        errors[path] = (unexplained.sum() / var_y.sum().clamp_min(1e-30)).item()
+    return errors
+
+
+def measure_gn_fit(teacher: nn.Module, plan: Plan, data_config: DataConfig, options: CalibrationOptions) -> dict:
+    """:func:`gn_fit_errors` on the calibration images ``options`` names (the fit part, as calibration
+    reads them); ``teacher`` is not modified."""
+    options.check()
+    fit, _held, _n_fit, _n_hold = calibration_batches(options, data_config, BrokenImages())
+    model = copy.deepcopy(teacher).to(options.torch_device()).eval()
+    return gn_fit_errors(model, plan, fit)
 
 
 def untouchable(plan: Plan) -> set[str]:
@@ -772,7 +908,8 @@ def calibrate(
     with clock.timed("metrics"):
         report.before = _agreement(student, teacher, eval_data)
         before = _layer_errors(student, teacher, order, eval_data)
-    images = _Images(fit_data, eval_data, n_hold > 0, n_fit + n_hold)
+    fit_data = _with_copies(fit_data, options)
+    images = _Images(fit_data, eval_data, n_hold > 0, n_fit * (1 + options.copies) + n_hold)
     passes = _Passes(student, teacher, images, options, untouchable(plan), device, clock)
     report.blocks, report.cache = passes.run(order, first[:2], progress)
     with clock.timed("metrics"):
@@ -879,8 +1016,11 @@ class _Passes:
             }
         if final > 0:
             fit, held = self.images.fit, self.images.held
+            features = [block for block, _, _ in reached]
             results.append(
-                _final_pass(self.student, self.teacher, fit, options, self.protected, tick, held, self.clock)
+                _final_pass(
+                    self.student, self.teacher, fit, options, self.protected, tick, held, self.clock, features
+                )
             )
         scored_on = "held-out images" if self.images.apart else "the training images (no hold-out)"
         return [r | {"scored_on": scored_on} if r.get("steps") else r for r in results], cache

@@ -93,6 +93,13 @@ CalibCache = Annotated[
 CalibCacheMem = Annotated[
     str | None, typer.Option("--calib-cache-mem", help="Cache budget: a size (8G) or share of free memory (50%).")
 ]
+MaxFrozen = Annotated[
+    str | None,
+    typer.Option(
+        "--max-frozen",
+        help="Keep up to this many GN layers (3, or 10%) as BN* where GN measurably fails (needs --calibrate).",
+    ),
+]
 BnFree = Annotated[
     bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
 ]
@@ -259,6 +266,7 @@ def convert(
     calib_device: CalibDevice = None,
     calib_cache: CalibCache = None,
     calib_cache_mem: CalibCacheMem = None,
+    max_frozen: MaxFrozen = None,
     bn_free: BnFree = None,
     like: Like = None,
     no_inplace: NoInplace = None,

@@ -17,19 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .calibration import CalibrationOptions, calibrate
+from .calibration import CalibrationOptions, calibrate, measure_gn_fit
 from .checkpoint import history_entry, is_checkpoint, read_checkpoint, save
 from .checks import compare_freeze_fold, run_probe
 from .errors import GNSurgeonError
 from .files import check_output
 from .fold import plan_folds
 from .options import IMAGES, NOT_IN_RECIPES, build
-from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection, matches
+from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection, freeze_where_gn_fails, frozen_budget, matches
 from .probe import make_probe_input
 from .provenance import rebase_history, relative_to_checkpoint
 from .sources import DataConfig, OpenedSource, SourceOptions, open_source
 from .surgery import NO_INPLACE, apply_plan, make_plan
 from .targets import LikeTarget, check_like_structure, compare_like, open_like, plan_like
+
+# A layer stays BN* under --max-frozen only if GN leaves more than this share of its output variance
+# unexplained (1 - R² of the closed-form fit): below it, calibration reproduces the layer well.
+FROZEN_FLOOR = 0.1
 
 
 @dataclass
@@ -59,6 +63,9 @@ class ConvertOptions(SourceOptions):
     calib_device: str = "auto"
     calib_cache: str = "auto"  # where calibration keeps block-boundary activations (auto, off, ram, disk)
     calib_cache_mem: str = "50%"  # its memory budget: a size (8G) or a share of the free memory
+    # The automatic BN* plan: at most this many of the GN layers (a count, or "10%") stay BN* where GN
+    # measurably cannot reproduce them (needs --calibrate: it is measured on those images); 0: off.
+    max_frozen: int | str = 0
     bn_free: bool = False
     like: str | None = None  # take each layer's G and eps from this GN architecture (targets.plan_like)
     no_inplace: bool = False  # in-place activations off, recorded in the plan (opacus, surgery.disable_inplace)
@@ -238,6 +245,7 @@ def convert_source(
         check_like_structure(converted, like, plan)  # before calibration: a mismatch costs seconds
     if changed.options.get(NO_INPLACE):
         report.inplace_off = sum(getattr(m, "inplace", None) is True for m in opened.model.modules())
+    surgery_only = converted  # what freeze/fold made, before calibration tunes GN and the convs around it
     if options.calibrate:
         start = time.perf_counter()
         converted, calibration = calibrate(
@@ -247,7 +255,7 @@ def convert_source(
         timings["calibrate"] = round(time.perf_counter() - start, 4)
     if options.probe:
         start = time.perf_counter()
-        _check_result(opened, converted, delta, options, report)
+        _check_result(opened, converted, surgery_only, delta, options, report)
         timings["probe"] = round(time.perf_counter() - start, 4)
     if like is not None:
         start = time.perf_counter()
@@ -281,6 +289,12 @@ def _plans(
     delta = plan_like(opened.model, like, selection) if like else make_plan(opened.model, policy, selection)
     if options.no_inplace or (opened.plan is not None and opened.plan.options.get(NO_INPLACE)):
         delta.options[NO_INPLACE] = True
+    budget = frozen_budget(options.max_frozen, len(delta.with_action(Action.GN)))
+    if budget and not options.calibrate:
+        raise GNSurgeonError("--max-frozen needs --calibrate DIR: where GN fails is measured on those images")
+    if budget:
+        errors = measure_gn_fit(opened.model, delta, opened.data_config, options.calibration())
+        delta = freeze_where_gn_fails(delta, errors, budget, FROZEN_FLOOR)
     warnings = selection_warnings(options, delta)
     if options.fold and delta.with_action(Action.FROZEN):
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
@@ -298,12 +312,16 @@ def _plans(
     return delta, plan, warnings
 
 
-def _check_result(opened: OpenedSource, converted, delta: Plan, options: ConvertOptions, report: ConvertReport):
-    """The probe (finite outputs, no selected BN left) and, where BN* was made, the freeze/fold check."""
+def _check_result(
+    opened: OpenedSource, converted, surgery_only, delta: Plan, options: ConvertOptions, report: ConvertReport
+):
+    """The probe (finite outputs, no selected BN left) on the result and, where BN* was made, the
+    freeze/fold check on the model before calibration (which then tunes the GN layers and the convs
+    around them, so the result no longer equals "the original with GN applied", by design)."""
     report.probe = run_probe(opened.model, converted, opened.data_config, report.plan)
     if delta.with_action(Action.FROZEN, Action.FOLDED):
         example = make_probe_input(opened.data_config, batch=2, seed=options.seed + 1)
-        report.fold_check = compare_freeze_fold(opened.model, converted, delta, example)
+        report.fold_check = compare_freeze_fold(opened.model, surgery_only, delta, example)
 
 
 def _history_entry(source: str, options: ConvertOptions, delta: Plan, report: ConvertReport) -> dict:

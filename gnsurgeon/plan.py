@@ -271,3 +271,45 @@ class Selection:
                 f"{', '.join(both[:3])}{more}"
             )
         return notes
+
+def frozen_budget(spec: int | str, layers: int) -> int:
+    """How many of ``layers`` a ``--max-frozen`` value allows: a count (``3``) or a share (``"10%"``,
+    rounded down); 0 turns the automatic BN* plan off."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return int(layers * share / 100)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return min(count, layers)
+    except ValueError:
+        raise GNSurgeonError(f"--max-frozen must be a count (3) or a share of the layers (10%), got {spec!r}") from None
+
+
+def freeze_where_gn_fails(plan: Plan, errors: dict[str, float], budget: int, floor: float) -> Plan:
+    """A copy of ``plan`` in which the (at most ``budget``) GN layers whose measured ``errors`` are the
+    largest, and above ``floor``, become BN* (``frozen``), each with its measured reason in the note.
+
+    ``errors[path]`` is the share of the BN original's output variance that GN cannot reproduce at that
+    layer (1 − R² of the closed-form fit, :func:`gnsurgeon.calibration.gn_fit_errors`): where GN
+    removes information the original used (a photo's brightness and contrast at the stem; groups of
+    a handful of values on 1×1/2×2 maps), BN*, which keeps it and is as batch-independent as GN, is
+    the better layer (Mask R-CNN keeps BN* in the stem for the same reason).
+    """
+    gn = {lp.path for lp in plan.with_action(Action.GN)}
+    ranked = sorted((e, p) for p, e in errors.items() if p in gn and e > floor)[::-1][:budget]
+    chosen = {p: e for e, p in ranked}
+    layers = []
+    for lp in plan:
+        if lp.path in chosen:
+            note = (
+                f"kept as BN* (--max-frozen): GN reproduces only {100 * (1 - chosen[lp.path]):.0f}% of this "
+                f"layer's output variance on the calibration images (1 - R² = {chosen[lp.path]:.2f})"
+            )
+            lp = LayerPlan(**{**asdict(lp), "action": Action.FROZEN, "groups": None, "rule": "", "note": note})
+        layers.append(lp)
+    return Plan(layers=layers, options=dict(plan.options))
