@@ -8,6 +8,7 @@ teachers trained on them. Shared by the fidelity and fine-tuning benchmarks (and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +90,32 @@ def train_teacher(
         model.load_state_dict(load_file(str(weights)))
         return weights, top1(model, x_val, y_val), 0.0
     start = time.perf_counter()
+    fit_teacher(model, *load_tensors(train_dir), epochs=epochs, lr=lr, seed=seed, augment=augment)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return weights, top1(model, x_val, y_val), time.perf_counter() - start
+
+
+def fit_teacher(
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    on_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """The benchmarks' teacher recipe (AdamW, one-cycle, batch 64, label smoothing 0.1), shared by the
+    digits and photo benchmarks so their BN teachers are trained the same way; seeded."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_train, y_train = load_tensors(train_dir)
     steps_per_epoch = (len(x_train) + 63) // 64
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if on_epoch:
+            on_epoch(epoch)
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(order), 64):
@@ -105,8 +125,6 @@ def train_teacher(
             loss.backward()
             opt.step()
             sched.step()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    return weights, top1(model, x_val, y_val), time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from digits import fit_teacher
 
 from gnsurgeon.sources import DataConfig
 
@@ -209,23 +210,12 @@ def train_teacher(arch: str, root: str | Path, bench: PhotoBenchmark, seed: int 
         return weights, top1(model, x_val, y_val), 0.0
     lr, epochs = TEACHER_LR[arch], bench.epochs[list(TEACHER_LR).index(arch)]
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_train, y_train = load_tensors(folders["train"], bench.config)
-    steps_per_epoch = (len(x_train) + 63) // 64
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    for epoch in range(epochs):
+
+    def log(epoch: int) -> None:
         print(f"  {bench.name} {arch}: epoch {epoch + 1}/{epochs}, {time.perf_counter() - start:.0f} s", flush=True)
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(order), 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(model(augment(x_train[idx], gen)), y_train[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    x_train, y_train = load_tensors(folders["train"], bench.config)
+    fit_teacher(model, x_train, y_train, epochs=epochs, lr=lr, seed=seed, augment=augment, on_epoch=log)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     return weights, top1(model, x_val, y_val), time.perf_counter() - start
 
