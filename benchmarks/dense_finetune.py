@@ -162,9 +162,14 @@ def seg_predictions(model, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seg_row(teacher, checkpoint: Path, x: torch.Tensor) -> float:
+def seg_row(teacher, checkpoint: Path, x: torch.Tensor, objects_only: bool = False) -> float:
+    """Per-pixel top-1 agreement with the teacher, on every pixel or on those it calls an object."""
     student = gnsurgeon.load(checkpoint).eval()
-    return 100.0 * (seg_predictions(student, x) == seg_predictions(teacher, x)).double().mean().item()
+    theirs = seg_predictions(teacher, x)
+    same = seg_predictions(student, x) == theirs
+    if objects_only:
+        return 100.0 * same[theirs > 0].double().mean().item() if (theirs > 0).any() else float("nan")
+    return 100.0 * same.double().mean().item()
 
 
 # --------------------------------------------------------------------------------------- detection
@@ -273,6 +278,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, numbers meaningless")
     parser.add_argument("--only", choices=("segmentation", "detection"), default=None)
     parser.add_argument("--root", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument(
+        "--teacher-steps", type=int, default=None, help="teacher training steps (default 1500 seg., 200 det.)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -280,9 +288,9 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     if args.only in (None, "segmentation"):
-        rows.append(run_segmentation(root / "seg", args.steps if not q else 4, q))
+        rows.append(run_segmentation(root / "seg", args.steps if not q else 4, q, args.teacher_steps))
     if args.only in (None, "detection"):
-        rows.append(run_detection(root / "det", args.steps if not q else 4, q))
+        rows.append(run_detection(root / "det", args.steps if not q else 4, q, args.teacher_steps))
     steps = args.steps if not q else 4
     print(f"\nCPU, {args.threads} threads; fine-tune: {steps} steps at batch 2, SGD, lr 0.02 x 2 / 32,")
     print("warmup 5% + cosine, `finetune --teacher source` on the unlabeled scene images.\n")
@@ -294,9 +302,13 @@ def main() -> None:
     print(f"\nTotal {time.perf_counter() - start:.0f} s.")
 
 
-def run_segmentation(root: Path, steps: int, quick: bool) -> list[str]:
+def run_segmentation(root: Path, steps: int, quick: bool, teacher_steps: int | None = None) -> list[str]:
+    """A teacher that labels every pixel background already scores ~80% pixel accuracy here (objects
+    cover ~20% of a scene) and is trivially reproduced, so the teacher trains 1500 steps (200 gave
+    exactly that) and the row also reports agreement on the pixels the teacher calls an object."""
     side = 96
-    n_train, n_val, teacher_steps = (16, 8, 2) if quick else (320, 96, 200)
+    n_train, n_val = (16, 8) if quick else (320, 96)
+    teacher_steps = teacher_steps or (2 if quick else 1500)
     train, val = scenes(n_train, side, 0, True), scenes(n_val, side, 1, True)
     data = write_folder(root / "train", train)
     t0 = time.perf_counter()
@@ -318,6 +330,8 @@ def run_segmentation(root: Path, steps: int, quick: bool) -> list[str]:
     plain, calibrated, calib_s = convert_calibrate(SEG_ARCH, weights, root, kwargs, (3, side, side), data, calib)
     ft, ft_s = finetuned(calibrated, root, data, steps)
     cells = [seg_row(teacher, p, x) for p in (plain, calibrated, ft)]
+    objects = [seg_row(teacher, p, x, objects_only=True) for p in (plain, calibrated, ft)]
+    recall = 100.0 * ((pred == truth) & (truth > 0)).sum().item() / max(1, (truth > 0).sum().item())
     goal = 0.95 * consistency
     print(
         f"segmentation: teacher pixel accuracy {teacher_acc:.2f}%, flip consistency {consistency:.2f}% "
@@ -325,16 +339,22 @@ def run_segmentation(root: Path, steps: int, quick: bool) -> list[str]:
         flush=True,
     )
     times = f"teacher {teacher_s:.0f} s, calibration {calib_s:.0f} s, fine-tune {ft_s:.0f} s"
-    print(f"segmentation done: {cells}, {times}", flush=True)
+    print(f"segmentation done: {cells}, on object pixels {objects}, {times}", flush=True)
+    teacher_text = (
+        f"pixel accuracy {teacher_acc:.2f}%, object-pixel recall {recall:.2f}%, flip consistency {consistency:.2f}%"
+    )
     return [
-        f"| segmentation | {SEG_ARCH} | pixel accuracy {teacher_acc:.2f}%, flip consistency {consistency:.2f}% | "
-        f"per-pixel agreement with the teacher | {cells[0]:.2f}% | {cells[1]:.2f}% | {cells[2]:.2f}% | {times} |"
+        f"| segmentation | {SEG_ARCH} | {teacher_text} | per-pixel agreement with the teacher | "
+        f"{cells[0]:.2f}% | {cells[1]:.2f}% | {cells[2]:.2f}% | {times} |",
+        f"| segmentation | {SEG_ARCH} | {teacher_text} | agreement on the pixels the teacher calls an object | "
+        f"{objects[0]:.2f}% | {objects[1]:.2f}% | {objects[2]:.2f}% | |",
     ]
 
 
-def run_detection(root: Path, steps: int, quick: bool) -> list[str]:
+def run_detection(root: Path, steps: int, quick: bool, teacher_steps: int | None = None) -> list[str]:
     side = 112
-    n_train, n_val, teacher_steps = (16, 8, 2) if quick else (320, 64, 200)
+    n_train, n_val = (16, 8) if quick else (320, 64)
+    teacher_steps = teacher_steps or (2 if quick else 200)
     train, val = scenes(n_train, side, 2, False), scenes(n_val, side, 3, False)
     data = write_folder(root / "train", train)
     t0 = time.perf_counter()
@@ -362,7 +382,11 @@ def run_detection(root: Path, steps: int, quick: bool) -> list[str]:
         + " | ".join(f"{c[0]:.4f}" for c in cells)
         + f" | {times} |",
         f"| detection | {DET_ARCH} | {teacher_text} | box agreement (F1; teacher boxes: {cells[0][2]}) | "
-        + " | ".join(f"{c[1]:.1f}%" for c in cells)
+        + (
+            " | ".join(f"{c[1]:.1f}%" for c in cells)
+            if cells[0][2]
+            else "not measurable: the teacher outputs no box scoring 0.5 | | "
+        )
         + " | |",
     ]
 
