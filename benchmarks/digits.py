@@ -52,7 +52,7 @@ def write_digits(root: str | Path, size: int = SIZE) -> tuple[Path, Path]:
 
 
 def load_tensors(folder: Path, config: DataConfig = DIGITS_CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a folder, eval-transformed, as one tensor (the digits fit in memory)."""
+    """All images of a folder, eval-transformed, as one tensor (a few hundred images: they fit in memory)."""
     from gnsurgeon.data import ImageFolderData, eval_transform
 
     data = ImageFolderData(folder, eval_transform(config))
@@ -68,7 +68,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tens
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 100) -> float:
     model.eval()
     correct = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
     return 100.0 * correct / len(x)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from digits import fit_teacher
+from digits import fit_teacher, load_tensors, top1
 
 from gnsurgeon.sources import DataConfig
 
@@ -155,15 +155,6 @@ def write_photos(root: str | Path, bench: PhotoBenchmark) -> dict[str, Path]:
     return folders
 
 
-def load_tensors(folder: Path, config: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a folder, eval-transformed, as one tensor (a few hundred: they fit in memory)."""
-    from gnsurgeon.data import ImageFolderData, eval_transform
-
-    data = ImageFolderData(folder, eval_transform(config))
-    xs, ys = zip(*[(x, y) for x, y, _ in (data[i] for i in range(len(data)))], strict=True)
-    return torch.stack(xs), torch.tensor(ys)
-
-
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Teacher training augmentation: random horizontal flip and translation by up to 1/8 of the side."""
     if torch.rand((), generator=gen) < 0.5:
@@ -172,13 +163,6 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (shift,) * 4, mode="reflect")
     dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
     return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
-
-
-@torch.no_grad()
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 100) -> float:
-    model.eval()
-    correct = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
-    return 100.0 * correct / len(x)
 
 
 @torch.no_grad()
