@@ -253,6 +253,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(obj, path)
 
 
+def _first_pickled_class(path: Path) -> str | None:
+    """The first class the checkpoint's pickle names: the saved object's own class (the model for
+    ``torch.save(model)``). Read from the opcodes with :mod:`pickletools`; nothing is unpickled."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(archive.read(data)):
+                if op.name == "GLOBAL":
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a zip checkpoint, truncated: fall back to torch's list
+        return None
+    return None
+
+
 def _unreadable_weights(path: Path, exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused ``path``, in one sentence.
 
@@ -265,7 +287,8 @@ def _unreadable_weights(path: Path, exc: BaseException) -> str:
     except Exception:  # not a zip checkpoint, truncated: nothing to list
         names = []
     if any(n.startswith("torch.nn.modules.") for n in names):
-        top = next((n for n in names if not n.startswith("torch.nn.modules.")), names[0])
+        first = _first_pickled_class(path)  # torch lists the classes as an unordered set
+        top = first if first in names else next((n for n in names if not n.startswith("torch.nn.modules.")), names[0])
         return (
             f"weights file {path} holds a pickled model ({top}), not a state dict: save `model.state_dict()` "
             "and pass that file (gnsurgeon never runs pickled code)"
