@@ -292,7 +292,10 @@ def main() -> None:
     if args.only in (None, "detection"):
         rows.append(run_detection(root / "det", args.steps if not q else 4, q, args.teacher_steps))
     steps = args.steps if not q else 4
-    print(f"\nCPU, {args.threads} threads; fine-tune: {steps} steps at batch 2, SGD, lr 0.02 x 2 / 32,")
+    print(
+        f"\nCPU, {args.threads} threads; fine-tune: {steps} steps at batch 2, SGD, lr 0.02 x 2 / 32 x 0.2 "
+        "(the default from a calibrated checkpoint),"
+    )
     print("warmup 5% + cosine, `finetune --teacher source` on the unlabeled scene images.\n")
     print("| task | model | teacher (BN) on its labels | measure | GN, γ/β copy | calibrated | fine-tuned | times |")
     print("|---|---|---|---|---:|---:|---:|---|")

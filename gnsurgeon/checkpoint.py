@@ -53,6 +53,12 @@ class CheckpointInfo:
     format: str = FORMAT_VERSION
     written_by: str = ""
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether a conversion in this checkpoint's history calibrated GN against the BN original:
+        such a start is close to its teacher already, and fine-tuning defaults to a lower lr."""
+        return any(h.get("stage") == "convert" and h.get("calibration") for h in self.history)
+
 
 def history_entry(stage: str, **fields) -> dict:
     """One record of what was done to the weights, for ``gnsurgeon.history``: the stage, the

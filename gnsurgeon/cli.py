@@ -389,7 +389,8 @@ def finetune_command(
     epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs instead of --steps.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step per process (8).")] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak lr (default: 0.02 sgd / 4e-4 adamw x batch / 32).")
+        float | None,
+        typer.Option("--lr", help="Peak lr (default: 0.02 sgd / 4e-4 adamw x batch / 32; x 0.2 if calibrated)."),
     ] = None,
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd (default) or adamw.")] = None,
     momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum (0.9, Nesterov).")] = None,

@@ -299,7 +299,8 @@ def finetune_table(report: FinetuneReport) -> Table:
     )
     table.add_row(
         "optimizer",
-        f"{s.optimizer} lr {s.lr:.3g}, wd {s.weight_decay:g} ({s.params.decay} tensors), "
+        f"{s.optimizer} lr {s.lr:.3g}{' (calibrated start)' if s.calibrated_start else ''}, "
+        f"wd {s.weight_decay:g} ({s.params.decay} tensors), "
         f"norm/bias wd {s.norm_weight_decay:g} ({s.params.no_decay} tensors), warmup {s.warmup_steps}",
     )
     loss = "CE" if s.labeled else ""

@@ -166,6 +166,24 @@ def test_kd_alone_on_an_unlabeled_folder(ws, tmp_path):
     assert load(out) is not None
 
 
+def test_calibrated_checkpoint_fine_tunes_at_the_lower_default_lr(ws, tmp_path):
+    """The history's calibration, not the caller, decides the default: a calibrated start gets
+    CALIBRATED_LR_FACTOR of the base lr, the plain conversion the base lr (both recorded)."""
+    calibrated = tmp_path / "cal.safetensors"
+    common = {"input_size": (3, 32, 32), "num_classes": 3, "weights": str(ws["teacher"])}
+    cal_options = ConvertOptions(**common, calibrate=str(ws["flat"]), calib_samples=8, calib_method="layer")
+    gnsurgeon.convert_source("timm:test_resnet", calibrated, cal_options)
+    assert read_checkpoint(calibrated).calibrated and not read_checkpoint(ws["gn"]).calibrated
+    runs = {}
+    for name, start in (("plain", ws["gn"]), ("calibrated", calibrated)):
+        report = gnsurgeon.finetune(start, tmp_path / f"{name}-ft.safetensors", options(ws, steps=1, batch_size=4))
+        runs[name] = report.settings
+    assert runs["plain"].lr == pytest.approx(0.02 * 4 / 32) and not runs["plain"].calibrated_start
+    assert runs["calibrated"].lr == pytest.approx(0.02 * 4 / 32 * 0.2) and runs["calibrated"].calibrated_start
+    # the fine-tuned checkpoint keeps the history, so fine-tuning it again is a calibrated start too
+    assert read_checkpoint(tmp_path / "calibrated-ft.safetensors").calibrated
+
+
 def test_unlabeled_folder_needs_a_teacher(ws, tmp_path):
     with pytest.raises(GNSurgeonError, match="no class sub-folders"):
         gnsurgeon.finetune(ws["gn"], tmp_path / "o.safetensors", options(ws, data=str(ws["flat"]), steps=1))

@@ -36,6 +36,7 @@ def resolve(
     labeled: bool = True,
     teacher_from: str | None = None,
     params: ParamCounts = ParamCounts(10, 20),
+    calibrated_start: bool = False,
     **options,
 ) -> RunSettings:
     opts = FinetuneOptions(data="train", **options)
@@ -50,6 +51,7 @@ def resolve(
         cuda_bf16=cuda_bf16,
         teacher_from=teacher_from,
         params=params,
+        calibrated_start=calibrated_start,
     )
 
 
@@ -63,6 +65,15 @@ def test_lr_scales_linearly_with_the_effective_batch():
     assert resolve(optimizer="adamw", batch_size=2).lr == pytest.approx(4e-4 * 2 / 32)
     # an explicit lr is used as given, whatever the batch
     assert resolve(64, lr=0.1, batch_size=8, grad_accum=4, world=2).lr == 0.1
+
+
+def test_a_calibrated_start_defaults_to_a_fifth_of_the_lr():
+    """recovery.py on regions: 0.005 at batch 8 undid calibration on two of four models, 0.001 did not."""
+    plain, calibrated = resolve(batch_size=8), resolve(batch_size=8, calibrated_start=True)
+    assert plain.lr == pytest.approx(0.005) and calibrated.lr == pytest.approx(0.001)
+    assert (plain.calibrated_start, calibrated.calibrated_start) == (False, True)
+    assert resolve(optimizer="adamw", batch_size=8, calibrated_start=True).lr == pytest.approx(4e-4 * 8 / 32 * 0.2)
+    assert resolve(lr=0.01, calibrated_start=True).lr == 0.01  # an explicit lr is never scaled
 
 
 def test_weight_decay_and_momentum_follow_the_optimizer():
@@ -141,7 +152,7 @@ def test_settings_are_frozen_and_their_json_is_the_flat_dict_of_before():
     d = s.to_dict()
     assert list(d)[:5] == ["train_images", "labeled", "classes", "total_steps", "batch_size"]
     assert list(d)[-5:] == ["amp", "device", "channels_last", "compile", "params"]
-    assert len(d) == 32 and d["params"] == {"decay": 10, "no_decay": 20}
+    assert len(d) == 33 and d["params"] == {"decay": 10, "no_decay": 20}
     assert json.loads(json.dumps(d)) == d  # plain JSON values only
     report = FinetuneReport("in.safetensors", "out.safetensors", s)
     assert report.to_dict()["settings"] == d
@@ -157,6 +168,10 @@ def test_finetune_table_reads_the_settings():
     assert "sgd lr 0.01, wd 0.0001 (10 tensors), norm/bias wd 0 (20 tensors), warmup 0" in text
     assert "CE + KD (T=1, weight 1): final 0.2500" in text
     assert "cpu, amp off, channels_last False" in text and "none (give --val DIR)" in text
+    calibrated = resolve(batch_size=8, calibrated_start=True)
+    console = Console(width=200, record=True)
+    console.print(finetune_table(FinetuneReport("in.safetensors", "out.safetensors", calibrated, steps=5)))
+    assert "sgd lr 0.001 (calibrated start), wd" in console.export_text()  # why the lr is not 0.005
 
 
 # ---------------------------------------------------------------------------- same run?

@@ -17,11 +17,24 @@ from ..errors import GNSurgeonError, VerificationError
 from ..options import NOT_IN_RECIPES
 from ..recipes import options_from_mapping
 
-__all__ = ["BASE_LR", "DEFAULT_WEIGHT_DECAY", "OPTIMIZERS", "FinetuneOptions", "NonFiniteLossError"]
+__all__ = [
+    "BASE_LR",
+    "CALIBRATED_LR_FACTOR",
+    "DEFAULT_WEIGHT_DECAY",
+    "OPTIMIZERS",
+    "FinetuneOptions",
+    "NonFiniteLossError",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 # Base learning rates per 32 images (linear scaling, as in the GN paper: lr = base * N / 32).
 BASE_LR = {"sgd": 0.02, "adamw": 4e-4}
+# A calibrated checkpoint already agrees with its teacher on most images; the base rate is one for
+# training GN out of a plain γ/β copy and throws that away. Measured on the regions benchmark
+# (benchmarks/recovery.py, 300 steps at batch 8 from the calibrated checkpoints): SGD at 0.005
+# lowered two of four calibrated models (83.25 -> 78.00, 74.25 -> 53.50 top-1), at 0.001 (this
+# factor) it raised three and kept the fourth. A plain conversion keeps the base rate.
+CALIBRATED_LR_FACTOR = 0.2
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.01}
 
 
@@ -35,12 +48,13 @@ class FinetuneOptions:
     ``NOT_IN_RECIPES`` (the folders, files and resume flag belong to the command line).
 
     ``lr=None`` scales :data:`BASE_LR` linearly with the effective batch (batch x grad_accum x
-    processes) / 32; ``weight_decay=None`` takes :data:`DEFAULT_WEIGHT_DECAY`; ``warmup_steps=None``
-    is 5% of the run. ``amp``/``channels_last`` ``None`` mean "on for CUDA, off for CPU". The
-    training state is written every ``checkpoint_every`` steps (if set), every
-    ``checkpoint_minutes`` of wall time, and at the end: time-based by default so that short runs
-    of big models do not spend their time writing optimizer state. ``resume`` continues from that
-    state when there is one (and starts from step 0, saying so, when the run never reached it).
+    processes) / 32, times :data:`CALIBRATED_LR_FACTOR` when the checkpoint was calibrated;
+    ``weight_decay=None`` takes :data:`DEFAULT_WEIGHT_DECAY`; ``warmup_steps=None`` is 5% of the run.
+    ``amp``/``channels_last`` ``None`` mean "on for CUDA, off for CPU". The training state is
+    written every ``checkpoint_every`` steps (if set), every ``checkpoint_minutes`` of wall time,
+    and at the end: time-based by default so that short runs of big models do not spend their time
+    writing optimizer state. ``resume`` continues from that state when there is one (and starts
+    from step 0, saying so, when the run never reached it).
     ``teacher="source"`` distils from the BN model the checkpoint was converted from (its history
     names the source and the weights file). ``train_heads`` (detectors only) also trains the heads
     that conversion did not change, which otherwise stay frozen.
@@ -120,9 +134,12 @@ class FinetuneOptions:
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise GNSurgeonError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
 
-    def resolved_lr(self, effective_batch: int) -> float:
-        """``lr`` as given, else :data:`BASE_LR` scaled linearly to ``effective_batch`` images per step."""
-        return self.lr if self.lr is not None else BASE_LR[self.optimizer] * effective_batch / 32
+    def resolved_lr(self, effective_batch: int, calibrated: bool = False) -> float:
+        """``lr`` as given, else :data:`BASE_LR` scaled linearly to ``effective_batch`` images per step,
+        and by :data:`CALIBRATED_LR_FACTOR` for a ``calibrated`` start (it has less to learn)."""
+        if self.lr is not None:
+            return self.lr
+        return BASE_LR[self.optimizer] * effective_batch / 32 * (CALIBRATED_LR_FACTOR if calibrated else 1.0)
 
     def resolved_weight_decay(self) -> float:
         """``weight_decay`` as given, else the optimizer's :data:`DEFAULT_WEIGHT_DECAY`."""

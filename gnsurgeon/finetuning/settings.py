@@ -55,6 +55,7 @@ class RunSettings:
     world_size: int
     effective_batch: int
     optimizer: str
+    calibrated_start: bool
     lr: float
     momentum: float | None
     weight_decay: float
@@ -120,16 +121,18 @@ def resolve_settings(
     cuda_bf16: bool,
     teacher_from: str | None,
     params: ParamCounts,
+    calibrated_start: bool = False,
 ) -> RunSettings:
     """The run's settings from validated ``options`` and what setup found: the task (and its
     ``train_heads`` setting, detection only), the training folder's size, classes and labels
     (whether the task uses them), the number of processes, this process's device (``cuda_bf16``: whether that
-    CUDA device computes in bfloat16), the teacher's description and the parameter groups' sizes.
+    CUDA device computes in bfloat16), the teacher's description, the parameter groups' sizes and
+    whether the checkpoint was calibrated (``calibrated_start``: a lower default lr).
 
     The rules: the run is ``steps`` optimizer steps, else ``epochs`` (default 1) passes over this
     process's shard; warmup is 5% of the run unless given, never longer than it; lr and weight decay
     are :meth:`FinetuneOptions.resolved_lr` of the effective batch (batch x accumulation x processes)
-    and :meth:`FinetuneOptions.resolved_weight_decay`; AMP and channels_last are on for CUDA and off
+    and the start, and :meth:`FinetuneOptions.resolved_weight_decay`; AMP and channels_last are on for CUDA and off
     for CPU unless given. Too few images for one batch per process is a :class:`GNSurgeonError`.
     """
     o = options
@@ -153,7 +156,8 @@ def resolve_settings(
         world_size=world_size,
         effective_batch=effective,
         optimizer=o.optimizer,
-        lr=o.resolved_lr(effective),
+        calibrated_start=calibrated_start,
+        lr=o.resolved_lr(effective, calibrated_start),
         momentum=o.momentum if o.optimizer == "sgd" else None,
         weight_decay=o.resolved_weight_decay(),
         norm_weight_decay=o.norm_weight_decay,

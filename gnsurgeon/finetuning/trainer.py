@@ -127,6 +127,7 @@ class Trainer:
             cuda_bf16=proc.device.type == "cuda" and torch.cuda.is_bf16_supported(),
             teacher_from=self.models.teacher_from,
             params=count_params(groups),
+            calibrated_start=info.calibrated,
         )
         if self.settings.channels_last:
             self.models.to_channels_last()
