@@ -182,6 +182,15 @@ def test_resume_treats_device_layout_compile_and_param_counts_as_the_same_run():
     assert elsewhere.changes_from(saved) == []
 
 
+def test_resume_compares_the_lr_not_why_it_was_chosen():
+    """A state saved before ``calibrated_start`` existed resumes when the lr is the same, and is
+    refused when the calibrated-start rule changed the lr it would get now."""
+    before_the_field = resolve(batch_size=8, lr=0.001).trajectory()
+    assert "calibrated_start" not in before_the_field
+    assert resolve(batch_size=8, calibrated_start=True).changes_from(before_the_field) == []
+    assert resolve(batch_size=8).changes_from(before_the_field) == ["lr=0.001, now 0.005"]
+
+
 @pytest.mark.parametrize(
     ("changed", "expected"),
     [

@@ -82,8 +82,17 @@ class RunSettings:
 
     # These change how fast the weights are computed, not what they are: a run may resume on
     # another device, with channels_last or compile switched, and still be the same run. (The task
-    # follows from the checkpoint, which a resumed run reads again.)
-    NOT_TRAJECTORY: ClassVar[tuple[str, ...]] = ("device", "channels_last", "compile", "params", "task")
+    # follows from the checkpoint, which a resumed run reads again; ``calibrated_start`` only says
+    # why the lr is what it is, and the lr itself is compared, so a state saved before the field
+    # existed still resumes.)
+    NOT_TRAJECTORY: ClassVar[tuple[str, ...]] = (
+        "device",
+        "channels_last",
+        "compile",
+        "params",
+        "task",
+        "calibrated_start",
+    )
 
     @property
     def batches_per_epoch(self) -> int:
