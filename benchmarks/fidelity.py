@@ -129,11 +129,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_sets(args.sets)
-    defaults = ConvertOptions(**overrides)
+    defaults = ConvertOptions(**{"calibrate": "TRAIN", **overrides})
     print(
         f"convert --calibrate TRAIN with its defaults{' and ' + ', '.join(args.sets) if args.sets else ''}: "
         f"{defaults.calib_samples} images (20% held out), {defaults.calib_steps} steps/block, "
-        f"{defaults.calib_final_steps} end-to-end steps, --max-frozen {defaults.max_frozen}; torch "
+        f"{defaults.calib_final_steps} end-to-end steps, --max-frozen {defaults.frozen_spec()}; torch "
         f"{torch.__version__}, CPU, {args.threads} threads\n"
     )
     print(

@@ -97,7 +97,8 @@ MaxFrozen = Annotated[
     str | None,
     typer.Option(
         "--max-frozen",
-        help="Keep up to this many GN layers (3, or 10%) as BN* where GN measurably fails (needs --calibrate).",
+        help="Keep up to this many GN layers (3, or 10%) as BN* where GN measurably fails (needs --calibrate; "
+        "default 25% with it, 0 turns it off).",
     ),
 ]
 BnFree = Annotated[
@@ -323,6 +324,10 @@ def convert(
         extra["calibration"] = calibration_summary(cal)
     if report.like:
         extra["like"] = like_summary(report.like)
+    if report.max_frozen:
+        mf = report.max_frozen
+        how = "the default with --calibrate; --max-frozen 0 keeps GN everywhere" if mf["default"] else "--max-frozen"
+        extra["BN* where GN fits worst"] = f"{len(mf['kept'])} layer(s), budget {mf['budget']} ({how})"
     if report.inplace_off is not None:
         extra["in-place activations"] = f"{report.inplace_off} turned off" if report.inplace_off else "none were on"
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())

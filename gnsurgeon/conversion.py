@@ -24,7 +24,17 @@ from .errors import GNSurgeonError
 from .files import check_output
 from .fold import plan_folds
 from .options import IMAGES, NOT_IN_RECIPES, build
-from .plan import Action, GroupPolicy, LayerPlan, Plan, Selection, freeze_where_gn_fails, frozen_budget, matches
+from .plan import (
+    MEASURED_BN_STAR,
+    Action,
+    GroupPolicy,
+    LayerPlan,
+    Plan,
+    Selection,
+    freeze_where_gn_fails,
+    frozen_budget,
+    matches,
+)
 from .probe import make_probe_input
 from .provenance import rebase_history, relative_to_checkpoint
 from .sources import DataConfig, OpenedSource, SourceOptions, open_source
@@ -34,6 +44,13 @@ from .targets import LikeTarget, check_like_structure, compare_like, open_like, 
 # A layer stays BN* under --max-frozen only if GN leaves more than this share of its output variance
 # unexplained (1 - R² of the closed-form fit): below it, calibration reproduces the layer well.
 FROZEN_FLOOR = 0.1
+
+# The BN* budget when --calibrate is given and --max-frozen is not. Measured on the regions photo
+# benchmark (README "Benchmarks"): a quarter of the layers kept BN* where GN fits worst took the
+# calibrated ResNet-18 from 0.85 to 0.986 of its teacher at G=32 (0.92 -> 0.953 at 16 channels per
+# group) by keeping the stem and layer1 BN*, as Mask R-CNN does by hand, and never cost accuracy on
+# MobileNetV3-small or on digits. Without --calibrate there are no images to measure on, so it is off.
+CALIBRATED_MAX_FROZEN = "25%"
 
 
 @dataclass
@@ -64,8 +81,9 @@ class ConvertOptions(SourceOptions):
     calib_cache: str = "auto"  # where calibration keeps block-boundary activations (auto, off, ram, disk)
     calib_cache_mem: str = "50%"  # its memory budget: a size (8G) or a share of the free memory
     # The automatic BN* plan: at most this many of the GN layers (a count, or "10%") stay BN* where GN
-    # measurably cannot reproduce them (needs --calibrate: it is measured on those images); 0: off.
-    max_frozen: int | str = 0
+    # measurably cannot reproduce them (needs --calibrate: it is measured on those images); 0: off;
+    # None: CALIBRATED_MAX_FROZEN with --calibrate, off without it (see frozen_spec).
+    max_frozen: int | str | None = None
     bn_free: bool = False
     like: str | None = None  # take each layer's G and eps from this GN architecture (targets.plan_like)
     no_inplace: bool = False  # in-place activations off, recorded in the plan (opacus, surgery.disable_inplace)
@@ -80,6 +98,14 @@ class ConvertOptions(SourceOptions):
         if groups is None and self.channels_per_group is None:
             groups = 32
         return GroupPolicy(groups, self.channels_per_group, self.min_group_channels, self.strict)
+
+    def frozen_spec(self) -> int | str:
+        """The BN* budget this run uses: the user's ``--max-frozen``, else ``CALIBRATED_MAX_FROZEN``
+        when calibrating, else 0. Off with ``--like`` unless asked: the target architecture has GN
+        in every one of those layers, so a BN* layer would not load into it."""
+        if self.max_frozen is not None:
+            return self.max_frozen
+        return CALIBRATED_MAX_FROZEN if self.calibrate and not self.like else 0
 
     def selection(self) -> Selection:
         return Selection(tuple(self.only), tuple(self.skip), self.include_1d, tuple(self.freeze))
@@ -181,6 +207,8 @@ class ConvertReport:
     like: dict | None = None  # --like: the target, strict load, output comparison
     inplace_off: int | None = None  # --no-inplace: how many modules it turned off (0: none were in place)
     warnings: list[str] = field(default_factory=list)
+    # the measured BN* plan when it ran: its budget, whether it was the default, the layers it kept
+    max_frozen: dict | None = None
 
     @property
     def summary(self) -> dict:
@@ -200,6 +228,7 @@ class ConvertReport:
             "calibration": self.calibration,
             "like": self.like,
             "inplace_off": self.inplace_off,
+            "max_frozen": self.max_frozen,
             "timings_s": self.timings,
             "data_config": self.data_config.to_dict() if self.data_config else None,
             "plan": self.plan.to_dict(),
@@ -235,6 +264,7 @@ def convert_source(
         str(source), plan, str(output) if output else None, dry_run, timings=timings, warnings=warnings
     )
     report.data_config = opened.data_config
+    report.max_frozen = measured_bn_star(options, delta)
     if dry_run:
         return report
     start = time.perf_counter()
@@ -269,6 +299,16 @@ def convert_source(
     return report
 
 
+def measured_bn_star(options: ConvertOptions, delta: Plan) -> dict | None:
+    """What the measured BN* plan did in this run (None when it was off), for the report: a default
+    that changes the model says so, with the option that turns it off."""
+    spec = options.frozen_spec()
+    kept = [lp.path for lp in delta.with_action(Action.FROZEN) if lp.note.startswith(MEASURED_BN_STAR)]
+    if not frozen_budget(spec, len(delta.with_action(Action.GN)) + len(kept)):  # the count _plans budgeted on
+        return None
+    return {"budget": str(spec), "default": options.max_frozen is None, "kept": kept}
+
+
 def selection_warnings(options: ConvertOptions, delta: Plan) -> list[str]:
     """Options that matched or changed nothing in this run (see :meth:`Selection.warnings`), and
     ``--fold`` with nothing frozen to fold. ``--strict`` makes the first one an error."""
@@ -289,7 +329,7 @@ def _plans(
     delta = plan_like(opened.model, like, selection) if like else make_plan(opened.model, policy, selection)
     if options.no_inplace or (opened.plan is not None and opened.plan.options.get(NO_INPLACE)):
         delta.options[NO_INPLACE] = True
-    budget = frozen_budget(options.max_frozen, len(delta.with_action(Action.GN)))
+    budget = frozen_budget(options.frozen_spec(), len(delta.with_action(Action.GN)))
     if budget and not options.calibrate:
         raise GNSurgeonError("--max-frozen needs --calibrate DIR: where GN fails is measured on those images")
     if budget:

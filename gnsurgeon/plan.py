@@ -290,6 +290,11 @@ def frozen_budget(spec: int | str, layers: int) -> int:
         raise GNSurgeonError(f"--max-frozen must be a count (3) or a share of the layers (10%), got {spec!r}") from None
 
 
+# How a plan entry chosen by the measured BN* plan begins its note (so reports can count them apart
+# from the layers the user froze with --freeze).
+MEASURED_BN_STAR = "kept as BN* (--max-frozen)"
+
+
 def freeze_where_gn_fails(plan: Plan, errors: dict[str, float], budget: int, floor: float) -> Plan:
     """A copy of ``plan`` in which the (at most ``budget``) GN layers whose measured ``errors`` are the
     largest, and above ``floor``, become BN* (``frozen``), each with its measured reason in the note.
@@ -307,7 +312,7 @@ def freeze_where_gn_fails(plan: Plan, errors: dict[str, float], budget: int, flo
     for lp in plan:
         if lp.path in chosen:
             note = (
-                f"kept as BN* (--max-frozen): GN reproduces only {100 * (1 - chosen[lp.path]):.0f}% of this "
+                f"{MEASURED_BN_STAR}: GN reproduces only {100 * (1 - chosen[lp.path]):.0f}% of this "
                 f"layer's output variance on the calibration images (1 - R² = {chosen[lp.path]:.2f})"
             )
             lp = LayerPlan(**{**asdict(lp), "action": Action.FROZEN, "groups": None, "rule": "", "note": note})

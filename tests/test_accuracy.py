@@ -106,6 +106,35 @@ def test_convert_with_max_frozen_keeps_bn_star_where_measured(contrast_images, t
         gnsurgeon.convert_source("timm:test_resnet", tmp_path / "n.safetensors", ConvertOptions(max_frozen="10%"))
 
 
+def test_calibrating_keeps_a_quarter_bn_star_by_default_and_says_so(contrast_images, tmp_path):
+    """The default measured BN* plan (CALIBRATED_MAX_FROZEN, README "Benchmarks": 0.85 -> 0.986 of
+    the teacher on regions ResNet-18): on with --calibrate, the worst-fitting quarter of the GN layers,
+    reported as a default; off with --max-frozen 0 and with --like (the target has GN everywhere)."""
+    from gnsurgeon.conversion import CALIBRATED_MAX_FROZEN
+
+    model = randomize_bn(timm.create_model("test_resnet", num_classes=10)).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    common = dict(weights=str(tmp_path / "w.pth"), num_classes=10, input_size=(3, 32, 32))
+    calib = dict(calibrate=str(contrast_images), calib_samples=24, calib_steps=1, calib_final_steps=0)
+    report = gnsurgeon.convert_source("timm:test_resnet", None, ConvertOptions(**common, **calib), dry_run=True)
+    layers = len(gnsurgeon.make_plan(model).with_action(Action.GN))
+    budget = frozen_budget(CALIBRATED_MAX_FROZEN, layers)
+    options = ConvertOptions(**calib).calibration()
+    errors = measure_gn_fit(model, gnsurgeon.make_plan(model), report.data_config, options)
+    worst = {p for p in sorted(errors, key=errors.get)[-budget:] if errors[p] > 0.1}
+    assert budget >= 1 and worst, (budget, errors)
+    assert {lp.path for lp in report.plan.with_action(Action.FROZEN)} == worst
+    assert report.max_frozen["budget"] == CALIBRATED_MAX_FROZEN and report.max_frozen["default"]
+    assert set(report.max_frozen["kept"]) == worst
+    off_options = ConvertOptions(**common, **calib, max_frozen=0)
+    off = gnsurgeon.convert_source("timm:test_resnet", None, off_options, dry_run=True)
+    assert not off.plan.with_action(Action.FROZEN) and off.max_frozen is None
+    plain = gnsurgeon.convert_source("timm:test_resnet", None, ConvertOptions(**common), dry_run=True)
+    assert not plain.plan.with_action(Action.FROZEN) and plain.max_frozen is None
+    assert ConvertOptions(**calib, like="timm:resnet50_gn").frozen_spec() == 0
+    assert ConvertOptions(**calib, like="timm:resnet50_gn", max_frozen=2).frozen_spec() == 2
+
+
 def test_measure_gn_fit_leaves_the_teacher_as_it_was(contrast_images):
     model = randomize_bn(timm.create_model("test_resnet", num_classes=10)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,5 +178,6 @@ def test_cli_max_frozen_reaches_the_plan_and_needs_calibrate(contrast_images, tm
     args += ["--calib-steps", "1", "--calib-final-steps", "0", "-o", str(tmp_path / "b.safetensors")]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
+    assert "1 layer(s), budget 1 (--max-frozen)" in " ".join(done.output.split()), done.output
     frozen = read_checkpoint(tmp_path / "b.safetensors").plan.with_action(Action.FROZEN)
     assert len(frozen) == 1 and "kept as BN*" in frozen[0].note

@@ -26,6 +26,7 @@ from gnsurgeon.models import DataConfig
 from gnsurgeon.onnx_export import export_model
 from gnsurgeon.onnx_verify import verify_model
 from gnsurgeon.outputs import AUX_WEIGHT, main_logits, split_logits
+from gnsurgeon.plan import Action
 from gnsurgeon.reach import reached_layers, split_reached
 from gnsurgeon.surgery import convert
 from tests.helpers import randomize_bn
@@ -114,7 +115,10 @@ def test_calibrate_googlenet_skips_the_aux_heads_with_a_note(googlenet, tmp_path
     cal = report.calibration
     assert cal["notes"] and "aux1.conv.bn" in cal["notes"][0] and "not calibrated" in cal["notes"][0]
     assert not any(p.startswith(("aux1.", "aux2.")) for p in cal["layers"])
-    assert "conv1.bn" in cal["layers"] and "inception5b.branch4.1.bn" in cal["layers"]
+    # Every GN layer that runs is calibrated; the layers the default measured BN* plan kept are not GN.
+    gn = {lp.path for lp in report.plan.with_action(Action.GN)}
+    assert set(cal["layers"]) == {p for p in gn if not p.startswith(("aux1.", "aux2."))}
+    assert report.max_frozen["default"] and not set(report.max_frozen["kept"]) & set(cal["layers"])
     assert [h["stage"] for h in read_checkpoint(tmp_path / "cal.safetensors").history] == ["convert"]
 
 
