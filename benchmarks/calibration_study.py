@@ -1,7 +1,8 @@
 """One calibration configuration on a photo benchmark, everything printed: for the README's ablations.
 
     .venv/bin/python benchmarks/calibration_study.py [--bench regions] [--arch resnet18] [--policy G=32]
-        [--opts '{"seed": 1}'] [--split train|iid] [--max-frozen 10%] [--data bench-data]
+        [--opts '{"seed": 1}'] [--split train|iid] [--max-frozen 10%] [--freeze 'blocks.0.*' ...]
+        [--data bench-data]
 
 ``fidelity.py`` runs the command a user runs (``convert --calibrate``) over every benchmark, arch and
 policy; this script calls :func:`gnsurgeon.calibration.calibrate` once, with any
@@ -9,7 +10,8 @@ policy; this script calls :func:`gnsurgeon.calibration.calibrate` once, with any
 the training crops (the default, as ``convert`` would be pointed at) or the ``iid`` crops, which
 the teacher never trained on (``--split iid``: are the held-out images that keep or undo a pass the
 problem because the teacher memorised them?). ``--max-frozen`` keeps as BN* the layers GN fits
-worst, as ``convert --max-frozen`` does. Prints one JSON line (top-1 on the shifted crops, top-1
+worst, as ``convert --max-frozen`` does; ``--freeze`` keeps the layers it names as BN* by hand (is
+the measure choosing the right layers?). Prints one JSON line (top-1 on the shifted crops, top-1
 agreement with the teacher on calibration-like and shifted crops, the held-out scores before and
 after) and the seconds per phase. The teachers are the ones ``fidelity.py`` trained and cached.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--opts", default="{}", help="CalibrationOptions fields, as JSON")
     parser.add_argument("--split", default="train", choices=("train", "iid"), help="the images calibrated on")
     parser.add_argument("--max-frozen", default="0", help="layers kept as BN* where GN fits worst: N or P%%")
+    parser.add_argument("--freeze", nargs="*", default=[], help="layers kept as BN* by name (globs)")
     parser.add_argument("--data", default="bench-data", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -49,7 +52,7 @@ def main() -> None:
     x_val, y_val = photos.load_tensors(folders["val"], bench.config)
     x_iid, y_iid = photos.load_tensors(folders["iid"], bench.config)
     policy = gnsurgeon.GroupPolicy(**{"groups": None, **POLICIES[args.policy]})
-    plan = gnsurgeon.make_plan(teacher, policy, Selection())
+    plan = gnsurgeon.make_plan(teacher, policy, Selection(freeze=tuple(args.freeze)))
     overrides = json.loads(args.opts)
     options = CalibrationOptions(data=str(folders[args.split]), **overrides)
     budget = frozen_budget(args.max_frozen, len(plan.with_action("gn")))
@@ -69,6 +72,8 @@ def main() -> None:
         "split": args.split,
         "opts": overrides,
         "max_frozen": args.max_frozen,
+        "freeze": args.freeze,
+        "frozen": len(plan.with_action("frozen")),
         "teacher_val": teacher_top1,
         "copy_val": photos.top1(student, x_val, y_val),
         "calibrated_val": photos.top1(calibrated, x_val, y_val),
