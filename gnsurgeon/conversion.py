@@ -259,13 +259,13 @@ def convert_source(
     opened = open_source(source, options)
     like = open_like(options.like, opened.spec, options.seed) if options.like else None
     start = time.perf_counter()
-    delta, plan, warnings = _plans(source, opened, options, policy, selection, like)
+    delta, plan, warnings, bn_star = _plans(source, opened, options, policy, selection, like)
     timings = {"build": round(opened.build_seconds, 4), "plan": round(time.perf_counter() - start, 4)}
     report = ConvertReport(
         str(source), plan, str(output) if output else None, dry_run, timings=timings, warnings=warnings
     )
     report.data_config = opened.data_config
-    report.max_frozen = measured_bn_star(options, delta)
+    report.max_frozen = bn_star
     if dry_run:
         return report
     start = time.perf_counter()
@@ -300,14 +300,11 @@ def convert_source(
     return report
 
 
-def measured_bn_star(options: ConvertOptions, delta: Plan) -> dict | None:
-    """What the measured BN* plan did in this run (None when it was off), for the report: a default
-    that changes the model says so, with the option that turns it off."""
-    spec = options.frozen_spec()
+def measured_bn_star(options: ConvertOptions, delta: Plan) -> dict:
+    """What the measured BN* plan did in this run, for the report: a default that changes the model
+    says so, with the option that turns it off."""
     kept = [lp.path for lp in delta.with_action(Action.FROZEN) if lp.note.startswith(MEASURED_BN_STAR)]
-    if not frozen_budget(spec, len(delta.with_action(Action.GN)) + len(kept)):  # the count _plans budgeted on
-        return None
-    return {"budget": str(spec), "default": options.max_frozen is None, "kept": kept}
+    return {"budget": str(options.frozen_spec()), "default": options.max_frozen is None, "kept": kept}
 
 
 def selection_warnings(options: ConvertOptions, delta: Plan) -> list[str]:
@@ -323,8 +320,9 @@ def selection_warnings(options: ConvertOptions, delta: Plan) -> list[str]:
 
 def _plans(
     source: str, opened: OpenedSource, options: ConvertOptions, policy, selection, like: LikeTarget | None = None
-) -> tuple[Plan, Plan, list]:
-    """What this run changes (the delta), the whole model's plan after it and the warnings, checked:
+) -> tuple[Plan, Plan, list, dict | None]:
+    """What this run changes (the delta), the whole model's plan after it, the warnings and what the
+    measured BN* plan kept (None when it was off), checked:
     something must change (:func:`nothing_to_convert`), ``--calibrate`` needs new GN layers and
     ``--bn-free`` forbids any batch norm left."""
     delta = plan_like(opened.model, like, selection) if like else make_plan(opened.model, policy, selection)
@@ -333,9 +331,11 @@ def _plans(
     budget = frozen_budget(options.frozen_spec(), len(delta.with_action(Action.GN)))
     if budget and not options.calibrate:
         raise GNSurgeonError("--max-frozen needs --calibrate DIR: where GN fails is measured on those images")
+    bn_star = None
     if budget:
         errors = measure_gn_fit(opened.model, delta, opened.data_config, options.calibration())
         delta = freeze_where_gn_fails(delta, errors, budget, FROZEN_FLOOR)
+        bn_star = measured_bn_star(options, delta)
     warnings = selection_warnings(options, delta)
     if options.fold and delta.with_action(Action.FROZEN):
         delta = plan_folds(opened.model, delta, make_probe_input(opened.data_config, batch=1, seed=options.seed))
@@ -350,7 +350,7 @@ def _plans(
     plan = merge_plans(opened.plan, delta)
     if options.bn_free:
         require_bn_free(plan)
-    return delta, plan, warnings
+    return delta, plan, warnings, bn_star
 
 
 def _check_result(
