@@ -9,9 +9,9 @@ policy; this script calls :func:`gnsurgeon.calibration.calibrate` once, with any
 ``CalibrationOptions`` field set (``--opts`` JSON, e.g. the seed, copies, photometric) and on either
 the training crops (the default, as ``convert`` would be pointed at) or the ``iid`` crops, which
 the teacher never trained on (``--split iid``: are the held-out images that keep or undo a pass the
-problem because the teacher memorised them?). ``--max-frozen`` keeps as BN* the layers GN fits
-worst, as ``convert --max-frozen`` does (``--rank position``: the earliest layers that GN measurably
-fails, first, instead); ``--freeze`` keeps the layers it names as BN* by hand (is
+problem because the teacher memorised them?). ``--max-frozen`` keeps as BN* the earliest layers GN
+measurably fails, as ``convert --max-frozen`` does (``--rank fit``: the worst-fitting ones instead,
+the former rule); ``--freeze`` keeps the layers it names as BN* by hand (is
 the measure choosing the right layers?). Prints one JSON line (top-1 on the shifted crops, top-1
 agreement with the teacher on calibration-like and shifted crops, the held-out scores before and
 after) and the seconds per phase. The teachers are the ones ``fidelity.py`` trained and cached.
@@ -30,7 +30,8 @@ from fidelity import POLICIES
 
 import gnsurgeon
 from gnsurgeon.calibration import CalibrationOptions, calibrate, measure_gn_fit
-from gnsurgeon.plan import Selection, freeze_where_gn_fails, frozen_budget
+from gnsurgeon.conversion import FROZEN_FLOOR
+from gnsurgeon.plan import FROZEN_RANKS, Selection, freeze_where_gn_fails, frozen_budget
 
 
 def main() -> None:
@@ -40,12 +41,14 @@ def main() -> None:
     parser.add_argument("--policy", default="G=32", choices=list(POLICIES))
     parser.add_argument("--opts", default="{}", help="CalibrationOptions fields, as JSON")
     parser.add_argument("--split", default="train", choices=("train", "iid"), help="the images calibrated on")
-    parser.add_argument("--max-frozen", default="0", help="layers kept as BN* where GN fits worst: N or P%%")
+    parser.add_argument(
+        "--max-frozen", default="0", help="layers kept as BN* where GN measurably fails, earliest first: N or P%%"
+    )
     parser.add_argument(
         "--rank",
-        default="fit",
-        choices=("fit", "position"),
-        help="which failing layers --max-frozen keeps: worst own fit (convert's rule) or earliest first",
+        default="position",
+        choices=FROZEN_RANKS,
+        help="which failing layers --max-frozen keeps: the earliest (convert's rule) or the worst own fit",
     )
     parser.add_argument("--freeze", nargs="*", default=[], help="layers kept as BN* by name (globs)")
     parser.add_argument("--data", default="bench-data", type=Path)
@@ -65,11 +68,7 @@ def main() -> None:
     budget = frozen_budget(args.max_frozen, len(plan.with_action("gn")))
     if budget:
         errors = measure_gn_fit(teacher, plan, bench.config, options)
-        if args.rank == "position":  # the earliest layers GN measurably fails (plan order = model order)
-            failing = [lp.path for lp in plan.with_action("gn") if errors.get(lp.path, 0.0) > 0.1]
-            plan = gnsurgeon.make_plan(teacher, policy, Selection(freeze=(*args.freeze, *failing[:budget])))
-        else:
-            plan = freeze_where_gn_fails(plan, errors, budget, 0.1)
+        plan = freeze_where_gn_fails(plan, errors, budget, FROZEN_FLOOR, rank=args.rank)
         print("kept as BN*:", [(lp.path, round(errors[lp.path], 3)) for lp in plan.with_action("frozen")])
     student = gnsurgeon.apply_plan(teacher, plan).eval()
     start = time.perf_counter()

@@ -804,7 +804,8 @@ def gn_fit_errors(teacher: nn.Module, plan: Plan, batches: Callable[[], Iterable
     On the original's inputs nothing upstream is wrong yet, so this is what GN loses at that layer
     alone: BN in inference passes on each image's brightness, contrast and per-channel offsets;
     GN divides them out per sample and group. A stem conv on photos, or a layer on 1×1/2×2 maps,
-    scores high; one forward per batch, five running sums per channel per layer.
+    scores high; one forward per batch, five running sums per channel per layer. The layers come in
+    the order the forward pass first reaches them, which the BN* plan's "earliest" rank reads.
     """
     layers = {lp.path: lp for lp in plan.with_action(Action.GN)}
 

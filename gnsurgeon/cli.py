@@ -327,7 +327,7 @@ def convert(
     if report.max_frozen:
         mf = report.max_frozen
         how = "the default with --calibrate; --max-frozen 0 keeps GN everywhere" if mf["default"] else "--max-frozen"
-        extra["BN* where GN fits worst"] = f"{len(mf['kept'])} layer(s), budget {mf['budget']} ({how})"
+        extra["BN* where GN fails (earliest first)"] = f"{len(mf['kept'])} layer(s), budget {mf['budget']} ({how})"
     if report.inplace_off is not None:
         extra["in-place activations"] = f"{report.inplace_off} turned off" if report.inplace_off else "none were on"
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())

@@ -45,12 +45,12 @@ from .targets import LikeTarget, check_like_structure, compare_like, open_like, 
 # unexplained (1 - R² of the closed-form fit): below it, calibration reproduces the layer well.
 FROZEN_FLOOR = 0.1
 
-# The BN* budget when --calibrate is given and --max-frozen is not. Measured on the regions photo
-# benchmark (README "Benchmarks"): a quarter of the layers kept BN* where GN fits worst took the
-# calibrated ResNet-18 from 0.85 to 0.986 of its teacher at G=32 (0.92 -> 0.953 at 16 channels per
-# group) by keeping the stem and layer1 BN*, as Mask R-CNN does by hand; it moved MobileNetV3-small
-# (up 0.5-1.25 points) and digits (0.45 point at most, either way) by less than calibration's seed
-# noise. Without --calibrate there are no images to measure on, so it is off.
+# The BN* budget when --calibrate is given and --max-frozen is not: a quarter of the GN layers, the
+# earliest that GN measurably fails (plan.FROZEN_RANKS). Measured on the regions photo benchmark
+# (README "Benchmarks"): it took the calibrated ResNet-18 from 0.85 to 0.986 of its teacher at G=32
+# by keeping the stem and layer1 BN*, as Mask R-CNN does by hand, and MobileNetV3-small from 0.74 to
+# 0.94 by keeping its stem and first two stages. Without --calibrate there are no images to measure
+# on, so it is off.
 CALIBRATED_MAX_FROZEN = "25%"
 
 

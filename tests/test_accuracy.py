@@ -12,6 +12,7 @@ import gnsurgeon
 from gnsurgeon import ConvertOptions
 from gnsurgeon.calibration import CalibrationOptions, gn_fit_errors, measure_gn_fit
 from gnsurgeon.checkpoint import read_checkpoint
+from gnsurgeon.conversion import FROZEN_FLOOR
 from gnsurgeon.errors import GNSurgeonError
 from gnsurgeon.plan import Action, freeze_where_gn_fails, frozen_budget
 from gnsurgeon.sources import DataConfig
@@ -55,20 +56,61 @@ def test_frozen_budget_counts_or_shares():
             frozen_budget(bad, 20)
 
 
-def test_the_worst_layers_within_budget_become_bn_star_with_their_reason():
+def test_the_earliest_failing_layers_within_budget_become_bn_star_with_their_reason():
     model = timm.create_model("test_resnet", num_classes=10)
     plan = gnsurgeon.make_plan(model)
     paths = [lp.path for lp in plan.with_action(Action.GN)]
-    errors = dict.fromkeys(paths, 0.01) | {paths[0]: 0.6, paths[3]: 0.3, paths[5]: 0.05}
+    errors = dict.fromkeys(paths, 0.01) | {paths[1]: 0.3, paths[3]: 0.6, paths[4]: 0.05, paths[6]: 0.9}
     two = freeze_where_gn_fails(plan, errors, budget=2, floor=0.1)
     frozen = {lp.path: lp for lp in two.with_action(Action.FROZEN)}
-    assert set(frozen) == {paths[0], paths[3]}
-    assert "40%" in frozen[paths[0]].note and "1 - R² = 0.60" in frozen[paths[0]].note
-    assert frozen[paths[0]].groups is None
+    # The default rank keeps the earliest layers above the floor, not the worst: paths[6] fits worst.
+    assert set(frozen) == {paths[1], paths[3]}
+    assert "40%" in frozen[paths[3]].note and "1 - R² = 0.60" in frozen[paths[3]].note
+    assert "earliest" in frozen[paths[3]].note and frozen[paths[3]].groups is None
+    worst = freeze_where_gn_fails(plan, errors, budget=2, floor=0.1, rank="fit")
+    assert {lp.path for lp in worst.with_action(Action.FROZEN)} == {paths[3], paths[6]}
+    # "Earliest" is the order of the measurement (the forward's), not the order of the plan.
+    backwards = dict(reversed(errors.items()))
+    late = freeze_where_gn_fails(plan, backwards, budget=2, floor=0.1)
+    assert {lp.path for lp in late.with_action(Action.FROZEN)} == {paths[6], paths[3]}
     # The floor keeps layers that GN reproduces well as GN, whatever the budget.
-    assert {lp.path for lp in freeze_where_gn_fails(plan, errors, 10, 0.1).with_action(Action.FROZEN)} == set(frozen)
+    everything = freeze_where_gn_fails(plan, errors, 10, 0.1).with_action(Action.FROZEN)
+    assert {lp.path for lp in everything} == {paths[1], paths[3], paths[6]}
     assert not freeze_where_gn_fails(plan, errors, 0, 0.1).with_action(Action.FROZEN)
     assert len(plan.with_action(Action.GN)) == len(paths)  # the input plan is unchanged
+    with pytest.raises(ValueError, match="rank"):
+        freeze_where_gn_fails(plan, errors, 2, 0.1, rank="random")
+
+
+class Registered:
+    """Two BN layers registered in the opposite order to the one the forward pass runs them in."""
+
+    @staticmethod
+    def model() -> nn.Module:
+        class Backwards(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.late = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+                self.early = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+            def forward(self, x):
+                return self.late(torch.relu(self.early(x)))
+
+        return randomize_bn(Backwards()).eval()
+
+
+def test_gn_fit_errors_come_in_forward_order_not_registration_order():
+    model = Registered.model()
+    plan = gnsurgeon.make_plan(model, gnsurgeon.GroupPolicy(groups=2))
+    assert [lp.path for lp in plan.with_action(Action.GN)] == ["late.1", "early.1"]
+    errors = gn_fit_errors(model, plan, lambda: [torch.randn(4, 3, 8, 8)])
+    assert list(errors) == ["early.1", "late.1"]
+
+
+def earliest_failing(errors: dict[str, float], budget: int) -> set[str]:
+    """The default BN* rule, written out: the first ``budget`` layers, in the order the forward
+    reaches them (``gn_fit_errors``' order), whose 1 - R² is above FROZEN_FLOOR."""
+    return set([p for p, e in errors.items() if e > FROZEN_FLOOR][:budget])
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +142,7 @@ def test_convert_with_max_frozen_keeps_bn_star_where_measured(contrast_images, t
     frozen = report.plan.with_action(Action.FROZEN)
     assert len(frozen) == 2 and all("kept as BN*" in lp.note for lp in frozen)
     errors = measure_gn_fit(model, gnsurgeon.make_plan(model), report.data_config, options.calibration())
-    assert {lp.path for lp in frozen} == set(sorted(errors, key=errors.get)[-2:])
+    assert {lp.path for lp in frozen} == earliest_failing(errors, 2)
     assert gnsurgeon.load(tmp_path / "m.safetensors") is not None
     with pytest.raises(GNSurgeonError, match="--max-frozen needs --calibrate"):
         gnsurgeon.convert_source("timm:test_resnet", tmp_path / "n.safetensors", ConvertOptions(max_frozen="10%"))
@@ -108,7 +150,7 @@ def test_convert_with_max_frozen_keeps_bn_star_where_measured(contrast_images, t
 
 def test_calibrating_keeps_a_quarter_bn_star_by_default_and_says_so(contrast_images, tmp_path):
     """The default measured BN* plan (CALIBRATED_MAX_FROZEN, README "Benchmarks": 0.85 -> 0.986 of
-    the teacher on regions ResNet-18): on with --calibrate, the worst-fitting quarter of the GN layers,
+    the teacher on regions ResNet-18): on with --calibrate, the earliest quarter of the GN layers that GN fails,
     reported as a default; off with --max-frozen 0 and with --like (the target has GN everywhere)."""
     from gnsurgeon.conversion import CALIBRATED_MAX_FROZEN
 
@@ -121,11 +163,11 @@ def test_calibrating_keeps_a_quarter_bn_star_by_default_and_says_so(contrast_ima
     budget = frozen_budget(CALIBRATED_MAX_FROZEN, layers)
     options = ConvertOptions(**calib).calibration()
     errors = measure_gn_fit(model, gnsurgeon.make_plan(model), report.data_config, options)
-    worst = {p for p in sorted(errors, key=errors.get)[-budget:] if errors[p] > 0.1}
-    assert budget >= 1 and worst, (budget, errors)
-    assert {lp.path for lp in report.plan.with_action(Action.FROZEN)} == worst
+    earliest = earliest_failing(errors, budget)
+    assert budget >= 1 and earliest, (budget, errors)
+    assert {lp.path for lp in report.plan.with_action(Action.FROZEN)} == earliest
     assert report.max_frozen["budget"] == CALIBRATED_MAX_FROZEN and report.max_frozen["default"]
-    assert set(report.max_frozen["kept"]) == worst
+    assert set(report.max_frozen["kept"]) == earliest
     off_options = ConvertOptions(**common, **calib, max_frozen=0)
     off = gnsurgeon.convert_source("timm:test_resnet", None, off_options, dry_run=True)
     assert not off.plan.with_action(Action.FROZEN) and off.max_frozen is None
