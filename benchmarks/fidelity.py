@@ -111,8 +111,11 @@ def parse_sets(items: list[str]) -> dict:
     return values
 
 
-def checkpoint_path(bench: Bench, arch: str, policy: str) -> Path:
-    folder = bench.root / "calibrated"
+def checkpoint_path(bench: Bench, arch: str, policy: str, sets: tuple[str, ...] | list[str] = ()) -> Path:
+    """Where the calibrated checkpoint goes: ``calibrated/`` for the defaults (``recovery.py`` reads
+    them), a folder named after the ``--set`` overrides for an ablation, which so never replaces them."""
+    tag = "-".join(item.replace("=", "_").replace("/", "") for item in sets)
+    folder = bench.root / (f"calibrated-{tag}" if tag else "calibrated")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{arch}-{policy.replace('/', '')}.safetensors"
 
@@ -133,7 +136,8 @@ def main() -> None:
     print(
         f"convert --calibrate TRAIN with its defaults{' and ' + ', '.join(args.sets) if args.sets else ''}: "
         f"{defaults.calib_samples} images (20% held out), {defaults.calib_steps} steps/block, "
-        f"{defaults.calib_final_steps} end-to-end steps, --max-frozen {defaults.frozen_spec()}; torch "
+        f"{defaults.calib_final_steps} end-to-end steps, --max-frozen {defaults.frozen_spec()} "
+        f"(--frozen-rank {defaults.frozen_rank}); torch "
         f"{torch.__version__}, CPU, {args.threads} threads\n"
     )
     print(
@@ -155,11 +159,11 @@ def main() -> None:
                 layer = "—"
                 if not args.no_layer_fit:
                     layer_options = convert_options(bench, weights, policy, overrides | {"calib_method": "layer"})
-                    out = checkpoint_path(bench, arch, policy).with_suffix(".layer.safetensors")
+                    out = checkpoint_path(bench, arch, policy, args.sets).with_suffix(".layer.safetensors")
                     gnsurgeon.convert_source(f"timm:{arch}", out, layer_options)
                     layer = f"{photos.top1(gnsurgeon.load(out).eval(), x_val, y_val):.2f}"
                 start = time.perf_counter()
-                out = checkpoint_path(bench, arch, policy)
+                out = checkpoint_path(bench, arch, policy, args.sets)
                 report = gnsurgeon.convert_source(f"timm:{arch}", out, options)
                 seconds = time.perf_counter() - start
                 model = gnsurgeon.load(out).eval()

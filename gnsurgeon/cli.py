@@ -101,6 +101,13 @@ MaxFrozen = Annotated[
         "default 25% with it, 0 turns it off).",
     ),
 ]
+FrozenRank = Annotated[
+    str | None,
+    typer.Option(
+        "--frozen-rank",
+        help="Which failing layers --max-frozen keeps: position (the earliest, default) or fit (the worst).",
+    ),
+]
 BnFree = Annotated[
     bool | None, typer.Option("--bn-free/--no-bn-free", help="Fail unless no batch norm of any kind remains.")
 ]
@@ -268,6 +275,7 @@ def convert(
     calib_cache: CalibCache = None,
     calib_cache_mem: CalibCacheMem = None,
     max_frozen: MaxFrozen = None,
+    frozen_rank: FrozenRank = None,
     bn_free: BnFree = None,
     like: Like = None,
     no_inplace: NoInplace = None,
@@ -327,7 +335,8 @@ def convert(
     if report.max_frozen:
         mf = report.max_frozen
         how = "the default with --calibrate; --max-frozen 0 keeps GN everywhere" if mf["default"] else "--max-frozen"
-        extra["BN* where GN fails (earliest first)"] = f"{len(mf['kept'])} layer(s), budget {mf['budget']} ({how})"
+        first = "earliest" if mf["rank"] == "position" else "worst fit"
+        extra[f"BN* where GN fails ({first} first)"] = f"{len(mf['kept'])} layer(s), budget {mf['budget']} ({how})"
     if report.inplace_off is not None:
         extra["in-place activations"] = f"{report.inplace_off} turned off" if report.inplace_off else "none were on"
     extra["timings (s)"] = ", ".join(f"{k} {v:.3f}" for k, v in report.timings.items())

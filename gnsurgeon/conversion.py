@@ -25,6 +25,7 @@ from .files import check_output
 from .fold import plan_folds
 from .options import IMAGES, NOT_IN_RECIPES, build
 from .plan import (
+    FROZEN_RANKS,
     MEASURED_BN_STAR,
     Action,
     GroupPolicy,
@@ -85,6 +86,7 @@ class ConvertOptions(SourceOptions):
     # measurably cannot reproduce them (needs --calibrate: it is measured on those images); 0: off;
     # None: CALIBRATED_MAX_FROZEN with --calibrate, off without it (see frozen_spec).
     max_frozen: int | str | None = None
+    frozen_rank: str = "position"  # which failing layers that budget keeps first (plan.FROZEN_RANKS)
     bn_free: bool = False
     like: str | None = None  # take each layer's G and eps from this GN architecture (targets.plan_like)
     no_inplace: bool = False  # in-place activations off, recorded in the plan (opacus, surgery.disable_inplace)
@@ -107,6 +109,10 @@ class ConvertOptions(SourceOptions):
         if self.max_frozen is not None:
             return self.max_frozen
         return CALIBRATED_MAX_FROZEN if self.calibrate and not self.like else 0
+
+    def check_frozen_rank(self) -> None:
+        if self.frozen_rank not in FROZEN_RANKS:
+            raise GNSurgeonError(f"--frozen-rank {self.frozen_rank!r} is not one of {', '.join(FROZEN_RANKS)}")
 
     def selection(self) -> Selection:
         return Selection(tuple(self.only), tuple(self.skip), self.include_1d, tuple(self.freeze))
@@ -250,6 +256,7 @@ def convert_source(
     """
     options = options or ConvertOptions()
     policy, selection = options.policy(), options.selection()  # validate options before slow work
+    options.check_frozen_rank()
     if options.calibrate:
         options.calibration().check()
     if not dry_run:
@@ -304,13 +311,21 @@ def measured_bn_star(options: ConvertOptions, delta: Plan) -> dict:
     """What the measured BN* plan did in this run, for the report: a default that changes the model
     says so, with the option that turns it off."""
     kept = [lp.path for lp in delta.with_action(Action.FROZEN) if lp.note.startswith(MEASURED_BN_STAR)]
-    return {"budget": str(options.frozen_spec()), "default": options.max_frozen is None, "kept": kept}
+    return {
+        "budget": str(options.frozen_spec()),
+        "default": options.max_frozen is None,
+        "rank": options.frozen_rank,
+        "kept": kept,
+    }
 
 
 def selection_warnings(options: ConvertOptions, delta: Plan) -> list[str]:
     """Options that matched or changed nothing in this run (see :meth:`Selection.warnings`), and
     ``--fold`` with nothing frozen to fold. ``--strict`` makes the first one an error."""
     warnings = options.selection().warnings([lp.path for lp in delta])
+    if options.frozen_rank != "position" and not delta.with_action(Action.FROZEN):
+        rank = options.frozen_rank
+        warnings.append(f"--frozen-rank {rank} changes nothing here: no layer was kept BN* (--max-frozen)")
     if options.fold and not delta.with_action(Action.FROZEN):
         warnings.append("--fold does nothing here: no layer is frozen in this run (--freeze), and only BN* folds")
     if options.strict and warnings:
@@ -334,7 +349,7 @@ def _plans(
     bn_star = None
     if budget:
         errors = measure_gn_fit(opened.model, delta, opened.data_config, options.calibration())
-        delta = freeze_where_gn_fails(delta, errors, budget, FROZEN_FLOOR)
+        delta = freeze_where_gn_fails(delta, errors, budget, FROZEN_FLOOR, options.frozen_rank)
         bn_star = measured_bn_star(options, delta)
     warnings = selection_warnings(options, delta)
     if options.fold and delta.with_action(Action.FROZEN):

@@ -177,6 +177,28 @@ def test_calibrating_keeps_a_quarter_bn_star_by_default_and_says_so(contrast_ima
     assert ConvertOptions(**calib, like="timm:resnet50_gn", max_frozen=2).frozen_spec() == 2
 
 
+def test_frozen_rank_fit_keeps_the_worst_and_a_bad_rank_is_refused_before_any_work(contrast_images, tmp_path):
+    model = randomize_bn(timm.create_model("test_resnet", num_classes=10)).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    common = dict(weights=str(tmp_path / "w.pth"), num_classes=10, input_size=(3, 32, 32))
+    calib = dict(calibrate=str(contrast_images), calib_samples=24, calib_steps=1, calib_final_steps=0)
+    report = gnsurgeon.convert_source(
+        "timm:test_resnet", None, ConvertOptions(**common, **calib, max_frozen=2, frozen_rank="fit"), dry_run=True
+    )
+    plan = gnsurgeon.make_plan(model)
+    errors = measure_gn_fit(model, plan, report.data_config, ConvertOptions(**calib).calibration())
+    worst = set(sorted(errors, key=errors.get)[-2:])
+    assert min(errors[p] for p in worst) > FROZEN_FLOOR and worst != earliest_failing(errors, 2)
+    assert {lp.path for lp in report.plan.with_action(Action.FROZEN)} == worst
+    assert report.max_frozen["rank"] == "fit"
+    assert all("worst fits" in lp.note for lp in report.plan.with_action(Action.FROZEN))
+    with pytest.raises(GNSurgeonError, match="--frozen-rank 'last' is not one of position, fit"):
+        gnsurgeon.convert_source("timm:nonexistent_model", None, ConvertOptions(frozen_rank="last"), dry_run=True)
+    plain_options = ConvertOptions(**common, frozen_rank="fit")
+    plain = gnsurgeon.convert_source("timm:test_resnet", None, plain_options, dry_run=True)
+    assert any("--frozen-rank fit changes nothing" in w for w in plain.warnings), plain.warnings
+
+
 def test_measure_gn_fit_leaves_the_teacher_as_it_was(contrast_images):
     model = randomize_bn(timm.create_model("test_resnet", num_classes=10)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
