@@ -25,6 +25,7 @@ Run (one benchmark at a time on the shared machine)::
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 import tempfile
@@ -279,18 +280,28 @@ def main() -> None:
     parser.add_argument("--only", choices=("segmentation", "detection"), default=None)
     parser.add_argument("--root", default=None, help="working folder (default: a temporary one)")
     parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="ConvertOptions field=value for the calibrated run"
+    )
+    parser.add_argument(
         "--teacher-steps", type=int, default=None, help="teacher training steps (default 1500 seg., 200 det.)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = {}
+    for item in args.sets:  # literal values only, as fidelity.py parses them
+        key, _, raw = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            overrides[key] = raw
     q = args.quick
     root = Path(args.root or tempfile.mkdtemp(prefix="gnsurgeon-dense-"))
     start = time.perf_counter()
     rows = []
     if args.only in (None, "segmentation"):
-        rows.append(run_segmentation(root / "seg", args.steps if not q else 4, q, args.teacher_steps))
+        rows.append(run_segmentation(root / "seg", args.steps if not q else 4, q, args.teacher_steps, overrides))
     if args.only in (None, "detection"):
-        rows.append(run_detection(root / "det", args.steps if not q else 4, q, args.teacher_steps))
+        rows.append(run_detection(root / "det", args.steps if not q else 4, q, args.teacher_steps, overrides))
     steps = args.steps if not q else 4
     print(
         f"\nCPU, {args.threads} threads; fine-tune: {steps} steps at batch 2, SGD, lr 0.02 x 2 / 32 x 0.2 "
@@ -305,7 +316,9 @@ def main() -> None:
     print(f"\nTotal {time.perf_counter() - start:.0f} s.")
 
 
-def run_segmentation(root: Path, steps: int, quick: bool, teacher_steps: int | None = None) -> list[str]:
+def run_segmentation(
+    root: Path, steps: int, quick: bool, teacher_steps: int | None = None, overrides: dict | None = None
+) -> list[str]:
     """A teacher that labels every pixel background already scores ~80% pixel accuracy here (objects
     cover ~20% of a scene) and is trivially reproduced, so the teacher trains 1500 steps (200 gave
     exactly that) and the row also reports agreement on the pixels the teacher calls an object."""
@@ -330,7 +343,9 @@ def run_segmentation(root: Path, steps: int, quick: bool, teacher_steps: int | N
         "calib_final_steps": 2 if quick else 80,
     }
     kwargs = {"num_classes": len(OBJECTS) + 1}
-    plain, calibrated, calib_s = convert_calibrate(SEG_ARCH, weights, root, kwargs, (3, side, side), data, calib)
+    plain, calibrated, calib_s = convert_calibrate(
+        SEG_ARCH, weights, root, kwargs, (3, side, side), data, calib | (overrides or {})
+    )
     ft, ft_s = finetuned(calibrated, root, data, steps)
     cells = [seg_row(teacher, p, x) for p in (plain, calibrated, ft)]
     objects = [seg_row(teacher, p, x, objects_only=True) for p in (plain, calibrated, ft)]
@@ -354,7 +369,9 @@ def run_segmentation(root: Path, steps: int, quick: bool, teacher_steps: int | N
     ]
 
 
-def run_detection(root: Path, steps: int, quick: bool, teacher_steps: int | None = None) -> list[str]:
+def run_detection(
+    root: Path, steps: int, quick: bool, teacher_steps: int | None = None, overrides: dict | None = None
+) -> list[str]:
     side = 112
     n_train, n_val = (16, 8) if quick else (320, 64)
     teacher_steps = teacher_steps or (2 if quick else 200)
@@ -373,7 +390,7 @@ def run_detection(root: Path, steps: int, quick: bool, teacher_steps: int | None
     calib = {"calib_samples": 8 if quick else 48, "calib_method": "layer", "calib_final_steps": 0}
     extra = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     plain, calibrated, calib_s = convert_calibrate(
-        DET_ARCH, weights, root, kwargs, (3, side, side), data, calib, **extra
+        DET_ARCH, weights, root, kwargs, (3, side, side), data, calib | (overrides or {}), **extra
     )
     ft, ft_s = finetuned(calibrated, root, data, steps)
     cells = [det_row(teacher, p, x) for p in (plain, calibrated, ft)]
