@@ -416,7 +416,7 @@ def finetune_command(
     ] = None,
     warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear warmup (5% of steps).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per step (1).")] = None,
-    clip_grad: Annotated[float | None, typer.Option("--clip-grad", help="Clip the gradient norm.")] = None,
+    clip_grad: Annotated[float | None, typer.Option("--clip-grad", help="Clip the gradient norm (5; 0: off).")] = None,
     label_smoothing: Annotated[float | None, typer.Option("--label-smoothing", help="CE smoothing (0).")] = None,
     teacher: Annotated[
         str | None,

@@ -230,3 +230,27 @@ def test_training_state_check_names_up_to_four_differences(tmp_path):
     message = str(info.value)
     assert message.startswith(f"cannot --resume from {path}: it was written with total_steps=10, now 11; ")
     assert message.count(", now ") == 4 and message.endswith("(resume needs the same training options and data)")
+
+
+# ------------------------------------------------------------------------ gradient clipping
+def test_gradients_are_clipped_by_default_and_0_turns_it_off():
+    """A gradient spike (GN on a handful of values per group) is clipped to CLIP_GRAD unless asked
+    not to: the parameter moves lr x (1 + momentum) x the clipped norm on the first Nesterov step."""
+    from gnsurgeon.finetuning.optimization import Optimization
+    from gnsurgeon.finetuning.options import CLIP_GRAD
+
+    def first_step(**options) -> float:
+        settings = resolve(warmup_steps=0, **options)  # the first step at the full lr
+        model = torch.nn.Linear(4, 3, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        step = Optimization([{"params": list(model.parameters()), "weight_decay": 0.0}], settings, model, CPU)
+        model.weight.grad = torch.full_like(model.weight, 100.0)  # norm 100 x sqrt(12)
+        step.step()
+        return float(model.weight.detach().norm()) / (settings.lr * (1 + settings.momentum))
+
+    assert resolve().clip_grad == CLIP_GRAD > 0
+    assert first_step() == pytest.approx(CLIP_GRAD, rel=1e-4)
+    assert first_step(clip_grad=0) == pytest.approx(100 * 12**0.5, rel=1e-4)
+    assert first_step(clip_grad=1.0) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(GNSurgeonError, match="--clip-grad must be 0 \\(off\\) or more"):
+        resolve(clip_grad=-1.0)

@@ -85,8 +85,8 @@ class Optimization:
         self.scaler.scale(loss).backward()
 
     def step(self) -> None:
-        """Clip (if asked), step, advance the schedule, clear the gradients."""
-        if self.clip_grad is not None:
+        """Clip (unless off: 0 or None), step, advance the schedule, clear the gradients."""
+        if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.step_lr = self.optimizer.param_groups[0]["lr"]

@@ -42,6 +42,16 @@ class NonFiniteLossError(VerificationError):
     """The loss became NaN/inf: the run stopped and the last good training state was kept."""
 
 
+# Gradient-norm clipping by default. GN on a handful of values per group (a MobileNet's last 1×1/2×2
+# maps at small inputs) divides by a small standard deviation, so a batch can give a gradient 10-30×
+# the usual norm (measured: resnet18 1-3, mobilenetv3_small_100 up to 28 on the regions benchmark),
+# and one such step at the fine-tune's rate can wreck a calibrated start: unclipped, a digits
+# MobileNetV3 fell from 95.28 to 10.11 top-1 in 300 steps. 5 clips those spikes and leaves ResNet's
+# ordinary steps alone (1.0 clipped nearly every ResNet step and cost it up to 3.25 points).
+# README "Benchmarks", fine-tune table.
+CLIP_GRAD = 5.0
+
+
 @dataclass
 class FinetuneOptions:
     """Every option of ``gnsurgeon finetune``; a recipe's ``finetune`` section sets any field not marked
@@ -72,7 +82,7 @@ class FinetuneOptions:
     norm_weight_decay: float = 0.0
     warmup_steps: int | None = None
     grad_accum: int = 1
-    clip_grad: float | None = None
+    clip_grad: float | None = CLIP_GRAD  # the gradient's L2 norm is clipped to this; 0 or None: off
     label_smoothing: float = 0.0
     teacher: str | None = None
     teacher_weights: str | None = field(default=None, metadata=NOT_IN_RECIPES)
@@ -121,8 +131,8 @@ class FinetuneOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise GNSurgeonError(f"--{name.replace('_', '-')} must be 0 or more, got {value!r}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise GNSurgeonError(f"--clip-grad must be positive, got {self.clip_grad!r}")
+        if self.clip_grad is not None and not self.clip_grad >= 0:
+            raise GNSurgeonError(f"--clip-grad must be 0 (off) or more, got {self.clip_grad!r}")
         if self.optimizer not in OPTIMIZERS:
             raise GNSurgeonError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0.0 <= self.hflip <= 1.0:
