@@ -301,7 +301,8 @@ def finetune_table(report: FinetuneReport) -> Table:
         "optimizer",
         f"{s.optimizer} lr {s.lr:.3g}{' (calibrated start)' if s.calibrated_start else ''}, "
         f"wd {s.weight_decay:g} ({s.params.decay} tensors), "
-        f"norm/bias wd {s.norm_weight_decay:g} ({s.params.no_decay} tensors), warmup {s.warmup_steps}",
+        f"norm/bias wd {s.norm_weight_decay:g} ({s.params.no_decay} tensors), warmup {s.warmup_steps}, "
+        f"grad norm clip {f'{s.clip_grad:g}' if s.clip_grad else 'off'}",
     )
     loss = "CE" if s.labeled else ""
     if s.teacher:

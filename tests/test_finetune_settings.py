@@ -165,7 +165,7 @@ def test_finetune_table_reads_the_settings():
     console.print(finetune_table(FinetuneReport("in.safetensors", "out.safetensors", s, steps=5, final_loss=0.25)))
     text = console.export_text()
     assert "4 x 2 accum x 2 proc = 16 images/step" in text
-    assert "sgd lr 0.01, wd 0.0001 (10 tensors), norm/bias wd 0 (20 tensors), warmup 0" in text
+    assert "sgd lr 0.01, wd 0.0001 (10 tensors), norm/bias wd 0 (20 tensors), warmup 0, grad norm clip 5" in text
     assert "CE + KD (T=1, weight 1): final 0.2500" in text
     assert "cpu, amp off, channels_last False" in text and "none (give --val DIR)" in text
     calibrated = resolve(batch_size=8, calibrated_start=True)
