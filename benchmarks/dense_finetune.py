@@ -25,7 +25,6 @@ Run (one benchmark at a time on the shared machine)::
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fidelity import parse_sets
 from PIL import Image
 
 import gnsurgeon
@@ -287,13 +287,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.sets:  # literal values only, as fidelity.py parses them
-        key, _, raw = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            overrides[key] = raw
+    overrides = parse_sets(args.sets)
     q = args.quick
     root = Path(args.root or tempfile.mkdtemp(prefix="gnsurgeon-dense-"))
     start = time.perf_counter()
