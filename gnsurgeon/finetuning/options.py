@@ -44,7 +44,7 @@ class NonFiniteLossError(VerificationError):
 
 # Gradient-norm clipping by default. GN on a handful of values per group (a MobileNet's last 1×1/2×2
 # maps at small inputs) divides by a small standard deviation, so a batch can give a gradient 10-30×
-# the usual norm (measured: resnet18 1-3, mobilenetv3_small_100 up to 28 on the regions benchmark),
+# the usual norm (benchmarks/grad_norms.py: resnet18 mostly 0.6-4, mobilenetv3_small_100 up to 29),
 # and one such step at the fine-tune's rate can wreck a calibrated start: unclipped, a digits
 # MobileNetV3 fell from 95.28 to 10.11 top-1 in 300 steps. 5 clips those spikes and leaves ResNet's
 # ordinary steps alone (1.0 clipped nearly every ResNet step and cost it up to 3.25 points).
