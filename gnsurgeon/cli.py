@@ -98,7 +98,7 @@ MaxFrozen = Annotated[
     typer.Option(
         "--max-frozen",
         help="Keep up to this many GN layers (3, or 10%) as BN* where GN measurably fails (needs --calibrate; "
-        "default 25% with it, 0 turns it off).",
+        "default 40% with it, 0 turns it off).",
     ),
 ]
 FrozenRank = Annotated[

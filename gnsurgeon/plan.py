@@ -299,7 +299,7 @@ MEASURED_BN_STAR = "kept as BN* (--max-frozen)"
 # "position": the earliest the forward pass reaches (the default); "fit": the worst own fit. What GN removes
 # at the first layers (a photo crop's brightness and contrast) no later layer can restore, whatever
 # that layer's own fit; what it removes late, calibration's tuning passes largely compensate. On the
-# regions benchmark (README "Benchmarks"), with the same teachers, the earliest failing quarter took
+# regions benchmark (README "Benchmarks"), with the same teachers and a 25% budget, the earliest failing quarter took
 # the calibrated MobileNetV3-small to 0.954 of its teacher at G=32 (0.986 at 16 channels per group)
 # where the worst-fitting quarter (its last, 2×2-map layers) reached 0.731 (0.814); on ResNet-18 at
 # G=32 both rules pick the same layers (the stem and layer1).
