@@ -151,7 +151,8 @@ def test_convert_with_max_frozen_keeps_bn_star_where_measured(contrast_images, t
 def test_calibrating_keeps_the_default_bn_star_budget_and_says_so(contrast_images, tmp_path):
     """The default measured BN* plan (CALIBRATED_MAX_FROZEN, README "Benchmarks": 0.85 -> 0.981 of
     the teacher on regions ResNet-18): on with --calibrate, the earliest of the GN layers that GN
-    fails, up to the budget, reported as a default; off with --max-frozen 0 and with --like (the target has GN everywhere)."""
+    fails, up to the budget, reported as a default; off with --max-frozen 0 and with --like (the
+    target has GN everywhere)."""
     from gnsurgeon.conversion import CALIBRATED_MAX_FROZEN
 
     model = randomize_bn(timm.create_model("test_resnet", num_classes=10)).eval()
