@@ -134,6 +134,46 @@ def test_a_pass_that_makes_the_model_worse_is_undone(teacher, images):
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+def test_a_pass_that_cannot_win_stops_early_and_the_same_model_comes_out(teacher, images):
+    """final_abort: a pass whose held-out divergence has not fallen half-way through is stopped and
+    undone there (the end check would undo it too), and the progress bar still completes."""
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan)
+    reference, _ = calibrate(teacher, student, plan, CONFIG, _options(images, final_steps=0))
+    ticks = []
+    wrecked, report = calibrate(
+        teacher,
+        student,
+        plan,
+        CONFIG,
+        _options(images, final_steps=30, final_lr=10.0),
+        progress=lambda done, total: ticks.append((done, total)),
+    )
+    final = report.blocks[-1]
+    assert final["steps"] == 15 and final["kept_step"] == 0, final
+    assert final["note"].startswith("reverted; stopped after 15 of 30 steps"), final["note"]
+    pairs = zip(reference.state_dict().values(), wrecked.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert ticks[-1][0] == ticks[-1][1]
+
+
+def test_the_abort_check_never_changes_a_pass_that_goes_on(teacher, images):
+    """Scoring once more at the abort point leaves the kept parameters bit-identical to a run without it."""
+    plan = make_plan(teacher)
+    student = apply_plan(teacher, plan).eval()
+    results = []
+    for abort in (0.0, 0.25):
+        options = _options(images, final_steps=12, final_abort=abort)
+        fit_data, _, _, _ = calibration_batches(options, CONFIG, BrokenImages())
+        tuned = copy.deepcopy(student)
+        result = _final_pass(tuned, teacher, fit_data, options, protected=set())
+        assert result["steps"] == 12 and "note" not in result, result
+        results.append(tuned.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(*(r.values() for r in results), strict=True))
+    with pytest.raises(GNSurgeonError, match="final_abort"):
+        CalibrationOptions(data=str(images), final_abort=1.0).check()
+
+
 def test_same_seed_same_parameters(teacher, images):
     plan = make_plan(teacher)
     student = apply_plan(teacher, plan)
