@@ -26,6 +26,7 @@ from gnsurgeon.cli import app
 from gnsurgeon.data import BrokenImages
 from gnsurgeon.errors import GNSurgeonError
 from gnsurgeon.fold import plan_folds
+from gnsurgeon.report import calibration_summary
 from gnsurgeon.sources import DataConfig
 
 from .helpers import bn_layers
@@ -152,6 +153,7 @@ def test_a_pass_that_cannot_win_stops_early_and_the_same_model_comes_out(teacher
     final = report.blocks[-1]
     assert final["steps"] == 15 and final["kept_step"] == 0, final
     assert final["note"].startswith("reverted; stopped after 15 of 30 steps"), final["note"]
+    assert "undone: no gain (stopped after 15 steps)" in calibration_summary(report.to_dict())
     pairs = zip(reference.state_dict().values(), wrecked.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert ticks[-1][0] == ticks[-1][1]
