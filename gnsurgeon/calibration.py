@@ -709,6 +709,7 @@ def _final_pass(
     student.load_state_dict(best.state)
     result = {"block": name, "steps": steps, "loss_first": before, "loss_last": best.loss, "kept_step": best.step}
     if stopped:
+        result["stopped_at"] = stopped["step"]
         outcome = "reverted" if best.step == 0 else f"kept step {best.step}"
         result["note"] = (
             f"{outcome}; stopped after {stopped['step']} of {options.final_steps} steps: the held-out logits "
@@ -731,7 +732,6 @@ def _abort_step(options: CalibrationOptions) -> int:
         return 0
     step = round(options.final_abort * options.final_steps)
     return step if 1 <= step < options.final_steps else 0
-
 
 
 @dataclass

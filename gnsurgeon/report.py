@@ -230,8 +230,8 @@ def calibration_summary(cal: dict) -> str:
     for b in tuned:
         if b["block"] == "(end to end)":
             outcome = "undone: no gain" if "reverted" in b.get("note", "") else f"{b['loss_last']:.3g}"
-            if "stopped after" in b.get("note", ""):  # calibration's final_abort
-                outcome += f" (stopped after {b['steps']} steps)"
+            if "stopped_at" in b:  # calibration's final_abort ended the pass early
+                outcome += f" (stopped after {b['stopped_at']} steps)"
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"

@@ -151,7 +151,7 @@ def test_a_pass_that_cannot_win_stops_early_and_the_same_model_comes_out(teacher
         progress=lambda done, total: ticks.append((done, total)),
     )
     final = report.blocks[-1]
-    assert final["steps"] == 15 and final["kept_step"] == 0, final
+    assert final["steps"] == final["stopped_at"] == 15 and final["kept_step"] == 0, final
     assert final["note"].startswith("reverted; stopped after 15 of 30 steps"), final["note"]
     assert "undone: no gain (stopped after 15 steps)" in calibration_summary(report.to_dict())
     pairs = zip(reference.state_dict().values(), wrecked.state_dict().values(), strict=True)
@@ -169,7 +169,7 @@ def test_the_abort_check_never_changes_a_pass_that_goes_on(teacher, images):
         fit_data, _, _, _ = calibration_batches(options, CONFIG, BrokenImages())
         tuned = copy.deepcopy(student)
         result = _final_pass(tuned, teacher, fit_data, options, protected=set())
-        assert result["steps"] == 12 and "note" not in result, result
+        assert result["steps"] == 12 and "note" not in result and "stopped_at" not in result, result
         results.append(tuned.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(*(r.values() for r in results), strict=True))
     with pytest.raises(GNSurgeonError, match="final_abort"):
