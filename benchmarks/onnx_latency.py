@@ -7,7 +7,8 @@ For each model (timm, random init, BN statistics randomised as a trained model's
 converted from it with G = 32): the BN model exported with every BN folded into its conv, and the GN
 model exported in every lowering (:mod:`gnsurgeon.onnx_lowering`: decomposed, layernorm, native).
 Each GN export is verified once, per layer, on verification's stress inputs: the "stress check"
-column. ``auto`` is run at each thread count as ``export-onnx`` runs it; its pick is the default.
+column. ``auto`` is run at each thread count as ``export-onnx`` runs it (the one-GN probe, then the
+model's passing forms timed at batch 1); its pick is the default.
 
 Latency: for each thread count and batch (224x224, CPU), all graphs of one model are timed
 round-robin in one process (each turn: a pause, one untimed run, two timed runs), medians over the
@@ -23,6 +24,7 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -40,8 +42,8 @@ from fold_latency import with_trained_statistics  # noqa: E402  (same folder)
 
 import gnsurgeon
 from gnsurgeon.onnx_export import center_groups, export_model, fold_for_export
-from gnsurgeon.onnx_lowering import FORMS, choose_lowering, lower_group_norm
-from gnsurgeon.onnx_verify import VerifyOptions, verify_model
+from gnsurgeon.onnx_lowering import FORMS, LoweringChoice, choose_lowering, lower_group_norm, settle_by_timing
+from gnsurgeon.onnx_verify import VerifyOptions, runtime_session, verify_model
 from gnsurgeon.sources import DataConfig
 
 MODELS = ["resnet18", "resnet50", "mobilenetv3_large_100"]
@@ -211,14 +213,26 @@ def time_model(files: dict[str, Path], threads: list[int], batches: list[int], r
     return out
 
 
-def print_latency(results: dict, verdicts: dict, defaults: dict[int, str], threads: list, batches: list) -> None:
+def auto_on_model(name: str, probe: LoweringChoice, files: dict[str, Path], threads: int) -> str:
+    """What ``export-onnx --gn-op auto`` writes for this model at ``threads``: the forms that passed
+    the probe, timed on the model's own files at batch 1 (:func:`settle_by_timing`, as export does)."""
+    choice = copy.deepcopy(probe)
+    passing = [c.form for c in choice.candidates if c.passed]
+    sessions = {form: runtime_session(str(files[form]), threads) for form in passing}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    form = settle_by_timing(choice, sessions, x) if len(sessions) > 1 else choice.form
+    print(f"- auto on {name} at {threads} thread(s): {choice.reason}", flush=True)
+    return form
+
+
+def print_latency(results: dict, verdicts: dict, defaults: dict, threads: list, batches: list) -> None:
     conditions = [(b, t) for b in batches for t in threads]
     head = " | ".join(f"b{b} {t}t ms | / BN" for b, t in conditions)
     print(f"| model | ONNX graph | stress check (per GN layer) | {head} |")
     print("|---|---|---|" + "---:|---:|" * len(conditions))
     for name, timings in results.items():
         for graph in ["BN folded", *FORMS]:
-            marks = [f"{t}t" for t in threads if defaults[t] == graph]
+            marks = [f"{t}t" for t in threads if defaults[name][t] == graph]
             label = graph if graph == "BN folded" else f"GN {graph}"
             label += f" (default at {', '.join(marks)})" if marks else ""
             cells = []
@@ -313,15 +327,14 @@ def main() -> None:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}, CPU ({os.cpu_count()} cores), 224x224, "
         f"onnxruntime default graph optimizations; load average at start {os.getloadavg()[0]:.1f}\n"
     )
-    defaults = {}
-    for t in threads:
-        choice = choose_lowering(FORMS, OPSETS, threads=t)
-        defaults[t] = choice.form
-        print(f"- auto at {t} thread(s): {choice.reason}")
+    probes = {t: choose_lowering(FORMS, OPSETS, threads=t) for t in threads}
+    for t, choice in probes.items():
+        print(f"- auto's probe at {t} thread(s): {choice.reason}")
     tmp = Path(tempfile.mkdtemp(prefix="gnsurgeon-onnx-bench-"))
-    results, verdicts, profiles, stress = {}, {}, {}, {}
+    results, verdicts, profiles, stress, defaults = {}, {}, {}, {}, {}
     for name in args.models.split(","):
         files, verdicts[name], reports = export_all(name, tmp, not args.no_profile and name in PROFILED)
+        defaults[name] = {t: auto_on_model(name, probes[t], files, t) for t in threads}
         if name == STRESS_MODEL:
             stress = reports
         results[name] = time_model(files, threads, batches, args.rounds)

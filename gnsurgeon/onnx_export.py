@@ -4,9 +4,10 @@ Defaults are chosen for the deployment that fails quietly otherwise:
 
 * ``--gn-op auto`` (default): GN is written the way the installed onnxruntime computes exactly and
   fastest, chosen by running the candidate lowerings of one small GN on verification's stress inputs
-  and timing them at the thread count asked (:mod:`gnsurgeon.onnx_lowering`: ``decomposed``
-  InstanceNormalization, ``layernorm`` LayerNormalization over the groups, ``native``
-  GroupNormalization-21). The choice, its reason and the onnxruntime version go into the file's
+  (:mod:`gnsurgeon.onnx_lowering`: ``decomposed`` InstanceNormalization, ``layernorm``
+  LayerNormalization over the groups, ``native`` GroupNormalization-21), then, among those that
+  pass, by timing the whole model exported in each at the thread count asked (one GN's time does
+  not predict a model's). The choice, its reason and the onnxruntime version go into the file's
   metadata and the report; ``verify-onnx`` re-checks the file on the runtime at hand.
 * opset 18 for the decomposed and layernorm forms (the widest runtime support; the exporter's own
   minimum), 21 for native (GroupNormalization before 21 has per-group scale and bias, onnx#5466).
@@ -60,9 +61,19 @@ from .onnx_lowering import (
     choice_metadata,
     choose_lowering,
     dynamo_translation,
+    settle_by_timing,
     torchscript_symbolic,
 )
-from .onnx_verify import VerifyOptions, VerifyReport, group_stats, kappa, onnxruntime_message, verify_model
+from .onnx_verify import (
+    VerifyOptions,
+    VerifyReport,
+    as_array,
+    group_stats,
+    kappa,
+    onnxruntime_message,
+    runtime_session,
+    verify_model,
+)
 from .options import NOT_IN_RECIPES
 from .plan import Action, LayerPlan, Plan, Selection
 from .probe import flatten_outputs, make_probe_input
@@ -504,13 +515,14 @@ def export_onnx(
     prepared, reference, example = _prepare(opened, options, report)
     group_norms = sum(isinstance(m, nn.GroupNorm) for m in prepared.modules())
     report.timings["fold"] = round(time.perf_counter() - start, 3)
+    report.graph = ExportedGraph(0, "", options.dynamic_batch and not torchscript, [], dynamic_size,
+                                 "torchscript" if torchscript else "dynamo", group_norms)  # fmt: skip
     start = time.perf_counter()
     report.lowering = _lowering(options, group_norms, not dynamic_size, torchscript)
     report.timings["choose"] = round(time.perf_counter() - start, 3)
-    report.graph = ExportedGraph(0, "", options.dynamic_batch and not torchscript, [], dynamic_size,
-                                 "torchscript" if torchscript else "dynamo", group_norms)  # fmt: skip
+    exported = _settle_on_model(prepared, example, options, report)
     while True:
-        proto = _export_form(prepared, reference, example, config, options, report)
+        proto = _export_form(prepared, reference, example, config, options, report, exported)
         failure = _layer_failure_summary(report.verification)
         if report.ok or not failure or not report.lowering.fallbacks():
             break
@@ -520,15 +532,42 @@ def export_onnx(
     return report
 
 
-def _export_form(prepared: nn.Module, reference: nn.Module, example, config, options: ExportOptions, report):
-    """Export ``prepared`` with GN as ``report.lowering.form``, check the graph, record the choice in
-    the file's metadata, verify it against ``reference``; fills ``report`` and returns the proto."""
-    graph, form = report.graph, report.lowering.form
+def _export_graph(prepared: nn.Module, example, options: ExportOptions, report, form: str):
+    """``prepared`` exported with GN as ``form``, the way ``report.graph`` says (dynamic axes, name)."""
+    graph = report.graph
     start = time.perf_counter()
     proto = export_model(prepared, example, opset=options.opset_for(form), gn_op=form,
                          dynamic_batch=graph.dynamic_batch, dynamic_size=graph.dynamic_size,
                          name=report.source)  # fmt: skip
     report.timings["export"] = round(report.timings.get("export", 0) + time.perf_counter() - start, 3)
+    return proto
+
+
+def _settle_on_model(prepared: nn.Module, example, options: ExportOptions, report) -> dict:
+    """``auto`` with two or more forms passing its probe: export the model in each and time the files
+    (batch 1, the probe input, at ``--threads``), then choose among them by that time
+    (:meth:`~gnsurgeon.onnx_lowering.LoweringChoice.settle_on_model`), because one GN's timing does
+    not predict a whole model. Returns ``{form: proto}`` so that the chosen form is not exported
+    twice. Detection files (the TorchScript exporter, one image per run) keep the probe's choice."""
+    choice = report.lowering
+    passing = [c.form for c in choice.candidates if c.passed and c.ms is not None]
+    if choice.requested != "auto" or len(passing) < 2 or report.graph.exporter != "dynamo":
+        return {}
+    protos = {form: _export_graph(prepared, example, options, report, form) for form in passing}
+    start = time.perf_counter()
+    sessions = {form: runtime_session(proto, choice.threads) for form, proto in protos.items()}
+    settle_by_timing(choice, sessions, as_array(example))
+    report.timings["choose"] = round(report.timings.get("choose", 0) + time.perf_counter() - start, 3)
+    return protos
+
+
+def _export_form(prepared: nn.Module, reference: nn.Module, example, config, options: ExportOptions, report,
+                 exported: dict):  # fmt: skip
+    """Export ``prepared`` with GN as ``report.lowering.form`` (or take it from ``exported``), check
+    the graph, record the choice in the file's metadata, verify it against ``reference``; fills
+    ``report`` and returns the proto."""
+    graph, form = report.graph, report.lowering.form
+    proto = exported.pop(form, None) or _export_graph(prepared, example, options, report, form)
     start = time.perf_counter()
     graph.checker, graph.op_counts = _check_graph(proto, form, graph.group_norms)
     report.timings["check"] = round(report.timings.get("check", 0) + time.perf_counter() - start, 3)

@@ -25,9 +25,16 @@ default, ``auto``, asks the runtime that is installed: it writes each candidate 
 (:func:`gnsurgeon.onnx_verify.stress_inputs`, the per-layer tolerance) and a short interleaved timing
 at the thread count asked, and picks the fastest that passes. Within :data:`TIE` of the fastest, the
 candidate with the most margin on the stress inputs wins: timing noise must not decide between two
-forms when one is clearly more accurate. The choice, its reason and the onnxruntime version go into
-the file's metadata (:func:`choice_metadata`); :meth:`LoweringChoice.fallbacks` lists what
-``export-onnx`` tries next when the model's own layers fail the chosen form.
+forms when one is clearly more accurate. The one-GN timing does not predict a whole model at more
+than one thread (onnxruntime runs convs in a blocked NCHWc layout and reorders around every GN, and
+the reorders, the parallel LayerNormalization and the serial InstanceNormalization weigh differently
+at each layer's shape: resnet50 at 2 threads ran 16% faster as ``layernorm`` while the probe
+preferred ``decomposed`` by 7%), so ``export-onnx`` then exports the model in each form that passed
+and times the files themselves (:func:`settle_by_timing`);
+the probe's timing decides only where no model is timed (detection files, one passing form). The
+choice, its reason and the onnxruntime version go into the file's metadata
+(:func:`choice_metadata`); :meth:`LoweringChoice.fallbacks` lists what ``export-onnx`` tries next
+when the model's own layers fail the chosen form.
 
 One lowering, three writers: :func:`lower_group_norm` calls ``emit(op_type, *inputs, **attributes)``
 once per node; the dynamo exporter (onnxscript ops, :func:`dynamo_translation`), the TorchScript
@@ -80,6 +87,8 @@ __all__ = [
     "lower_group_norm",
     "probe_candidate",
     "probe_model",
+    "settle_by_timing",
+    "time_sessions",
     "torchscript_symbolic",
 ]
 
@@ -87,6 +96,10 @@ FORMS = ("decomposed", "layernorm", "native")
 PROBE_SHAPE = (64, 56, 56)  # one sample of auto's probe GN: ResNet stage 1
 PROBE_GROUPS = 32
 TIE = 0.05  # within 5 % of the fastest, the candidate with the most stress margin wins
+# A whole model is timed in each passing form for about this long (each round runs every form three
+# times; at least MIN_MODEL_ROUNDS rounds, at most MAX_MODEL_ROUNDS).
+MODEL_TIMING_S = 8.0
+MIN_MODEL_ROUNDS, MAX_MODEL_ROUNDS = 3, 15
 Emit = Callable[..., Any]
 
 
@@ -275,6 +288,7 @@ class Candidate:
     worst_limit: float | None = None
     problem: str = ""  # why it failed, in words
     ms: float | None = None  # median time of one batch-1 run of the probe GN
+    model_ms: float | None = None  # median time of one batch-1 run of the whole model in this form (export)
 
     @property
     def margin(self) -> float:
@@ -301,8 +315,29 @@ class LoweringChoice:
         GN layers fail the chosen one (they have other shapes and statistics than the probe)."""
         if self.requested != "auto":
             return []
-        passing = sorted((c for c in self.candidates if c.passed and c.ms is not None), key=lambda c: c.ms)
+        passing = sorted((c for c in self.candidates if c.passed and c.ms is not None), key=_speed)
         return [c.form for c in passing if c.form != self.form and c.form not in self.rejected]
+
+    def settle_on_model(self, model_ms: dict[str, float], shape: str) -> str:
+        """Choose again among the forms that passed, by ``model_ms`` (form -> median ms of one run of
+        the whole model in that form, batch 1, input ``shape``), with the probe's rule: the fastest,
+        and within :data:`TIE` of it the one with the most stress margin. Returns the form."""
+        timed = [c for c in self.candidates if c.passed and c.form in model_ms]
+        for c in timed:
+            c.model_ms = round(model_ms[c.form], 3)
+        if len(timed) < 2:
+            return self.form
+        fastest = min(c.model_ms for c in timed)
+        pick = min((c for c in timed if c.model_ms <= fastest * (1 + TIE)), key=lambda c: (c.margin, c.model_ms))
+        times = ", ".join(f"{c.form} {c.model_ms:.1f} ms" for c in sorted(timed, key=lambda c: c.model_ms))
+        was = self.form
+        self.form = pick.form
+        tied = f"; within {TIE:.0%} of the fastest, the one with the most stress margin"
+        self.reason += (
+            f"; then timed on this model (batch 1, {shape}): {times}{tied if pick.model_ms > fastest else ''}"
+            + (f"; so {pick.form}, not the probe's {was}" if pick.form != was else f"; so {pick.form}")
+        )
+        return self.form
 
     def reject(self, failure: str) -> str:
         """Drop the current form (its verification failed: ``failure``) for the next fallback; returns it."""
@@ -314,6 +349,11 @@ class LoweringChoice:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
+
+
+def _speed(c: Candidate) -> float:
+    """A candidate's time for ordering fallbacks: the whole model's where it was timed, else the probe's."""
+    return c.model_ms if c.model_ms is not None else c.ms
 
 
 def choice_metadata(choice: LoweringChoice, **extra: str) -> dict[str, str]:
@@ -380,9 +420,10 @@ def probe_candidate(form: str, opset: int, module: nn.GroupNorm, cases: dict, *,
     return candidate, session
 
 
-def _time_sessions(sessions: dict[str, Any], rounds: int) -> dict[str, float]:
-    """Median ms of one batch-1 run per session, round-robin so that machine drift hits all alike."""
-    feed = {"x": np.random.default_rng(0).standard_normal((1, *PROBE_SHAPE)).astype(np.float32)}
+def time_sessions(sessions: dict[str, Any], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """Median ms of one run of ``feed`` per session, round-robin so that machine drift hits all alike
+    (each turn: one untimed run, as the previous session's threads park and this one's wake, then two
+    timed ones)."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
@@ -392,6 +433,17 @@ def _time_sessions(sessions: dict[str, Any], rounds: int) -> dict[str, float]:
                 session.run(None, feed)
                 times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def settle_by_timing(choice: LoweringChoice, sessions: dict[str, Any], x: np.ndarray) -> str:
+    """Time ``sessions`` (form -> the whole model in that form) on ``x`` for about
+    :data:`MODEL_TIMING_S`, round-robin, and settle ``choice`` by those times
+    (:meth:`LoweringChoice.settle_on_model`). Returns the chosen form."""
+    feed = {next(iter(sessions.values())).get_inputs()[0].name: x}
+    once = time_sessions(sessions, feed, 1)  # a first turn, which also sizes the timing
+    rounds = int(MODEL_TIMING_S * 1e3 / (3 * sum(once.values())))
+    times = time_sessions(sessions, feed, max(MIN_MODEL_ROUNDS, min(MAX_MODEL_ROUNDS, rounds)))
+    return choice.settle_on_model(times, "x".join(str(d) for d in x.shape[1:]))
 
 
 def choose_lowering(
@@ -420,7 +472,8 @@ def choose_lowering(
         probe_candidate(f, opsets[f], module, cases, static=static, threads=threads, checks=checks) for f in forms
     ]
     candidates = [c for c, _ in probed]
-    timings = _time_sessions({c.form: s for c, s in probed if s is not None}, rounds)
+    feed = {"x": np.random.default_rng(0).standard_normal((1, *PROBE_SHAPE)).astype(np.float32)}
+    timings = time_sessions({c.form: s for c, s in probed if s is not None}, feed, rounds)
     for c in candidates:
         c.ms = round(timings[c.form], 4) if c.form in timings else None
     version = onnxruntime.__version__

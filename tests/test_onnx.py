@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from gnsurgeon import load, onnx_export, onnx_verify
+from gnsurgeon import load, onnx_export, onnx_lowering, onnx_verify
 from gnsurgeon.cli import app
 from gnsurgeon.onnx_export import export_model, fold_for_export
 from gnsurgeon.onnx_graph import SCOPES_KEY, export_metadata
@@ -212,6 +212,8 @@ def test_auto_tries_the_next_form_when_the_models_own_layers_fail_the_first(resn
     probed = [Candidate("layernorm", 18, True, ms=1.0), Candidate("decomposed", 18, True, ms=2.0)]
     choice = LoweringChoice("auto", "layernorm", "auto: probe", "x", 0, probed)
     monkeypatch.setattr(onnx_export, "choose_lowering", lambda *a, **k: choice)
+    # The whole-model timing agrees with the probe here (layernorm first), whatever this machine measures.
+    monkeypatch.setattr(onnx_lowering, "time_sessions", lambda *_: {"layernorm": 1.0, "decomposed": 2.0})
     monkeypatch.setattr(onnx_verify, "runtime_session", old_runtime(onnx_verify.runtime_session))
     result, out, data = export(tmp_path, checkpoint, "fallback")
     assert result.exit_code == 0, result.output
@@ -221,6 +223,45 @@ def test_auto_tries_the_next_form_when_the_models_own_layers_fail_the_first(resn
     assert lowering["reason"].endswith("so decomposed")
     assert "InstanceNormalization" in ops(out) and "LayerNormalization" not in ops(out)
     assert export_metadata(onnx.load(str(out)))["gn_op_reason"] == lowering["reason"]
+
+
+@pytest.mark.parametrize("faster", ["decomposed", "layernorm"])
+def test_auto_chooses_by_the_whole_models_time_not_the_probes(resnet, tmp_path, monkeypatch, faster):
+    """Both forms passed the probe, which found layernorm faster on one GN; the export times the model
+    in each form (here: ``faster`` runs in half the time) and writes that one, exporting each form once."""
+    _, checkpoint, _, _ = resnet
+    probed = [Candidate("layernorm", 18, True, ms=1.0), Candidate("decomposed", 18, True, ms=2.0)]
+    choice = LoweringChoice("auto", "layernorm", "probe", "x", 0, probed)
+    monkeypatch.setattr(onnx_export, "choose_lowering", lambda *a, **k: choice)
+    timed = []
+
+    def fake_timing(sessions, feed, rounds):
+        timed.append((sorted(sessions), {k: v.shape for k, v in feed.items()}, rounds))
+        return {form: 10.0 if form == faster else 20.0 for form in sessions}
+
+    exports = []
+    real_export = onnx_export.export_model
+
+    def counting_export(model, example, **kwargs):
+        exports.append(kwargs["gn_op"])
+        return real_export(model, example, **kwargs)
+
+    monkeypatch.setattr(onnx_lowering, "time_sessions", fake_timing)
+    monkeypatch.setattr(onnx_export, "export_model", counting_export)
+    result, out, data = export(tmp_path, checkpoint, f"timed-{faster}")
+    assert result.exit_code == 0, result.output
+    assert sorted(exports) == ["decomposed", "layernorm"]  # the chosen form's file is the timed one
+    (forms, shapes, _), (_, _, rounds) = timed  # a first turn sizes the timing, then the timed rounds
+    assert forms == ["decomposed", "layernorm"] and list(shapes.values()) == [(1, 3, 64, 64)] and 3 <= rounds <= 15
+    lowering = data["lowering"]
+    assert data["gn_op"] == lowering["form"] == faster
+    assert {c["form"]: c["model_ms"] for c in lowering["candidates"]} == {
+        form: 10.0 if form == faster else 20.0 for form in ("decomposed", "layernorm")
+    }
+    assert "then timed on this model (batch 1, " in lowering["reason"]
+    ending = f"so {faster}" + ("" if faster == "layernorm" else ", not the probe's layernorm")
+    assert lowering["reason"].endswith(ending)
+    assert ops(out)[ANCHOR[faster]] and export_metadata(onnx.load(str(out)))["gn_op_reason"] == lowering["reason"]
 
 
 def test_groupnormact_model_in_both_modes(effnet):

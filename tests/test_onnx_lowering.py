@@ -23,6 +23,7 @@ from gnsurgeon.onnx_graph import OnnxGraph, export_metadata, extract_subgraph, l
 from gnsurgeon.onnx_lowering import (
     FORMS,
     TIE,
+    Candidate,
     LoweringChoice,
     choice_metadata,
     choose_lowering,
@@ -110,6 +111,31 @@ def test_auto_falls_back_when_the_runtime_breaks_a_form(monkeypatch):
     assert choice.form == "decomposed"
     assert not by_form["layernorm"].passed and by_form["layernorm"].worst_error is None
     assert "layernorm fails (mean 100" in choice.reason
+
+
+def test_the_whole_models_time_settles_the_choice_with_the_probes_tie_rule():
+    """settle_on_model: the fastest form on the model wins; within TIE of it, the one with the most
+    stress margin; a form that failed the probe is never chosen, however fast."""
+
+    def probed():
+        return [
+            Candidate("decomposed", 18, True, worst_error=8.0, worst_limit=10.0, ms=1.0),
+            Candidate("layernorm", 18, True, worst_error=1.0, worst_limit=10.0, ms=2.0),
+            Candidate("native", 21, False, problem="NaN", ms=0.5),
+        ]
+
+    choice = LoweringChoice("auto", "decomposed", "probe", "x", 2, probed())
+    assert choice.settle_on_model({"decomposed": 100.0, "layernorm": 80.0, "native": 1.0}, "3x8x8") == "layernorm"
+    assert [c.model_ms for c in choice.candidates] == [100.0, 80.0, None]
+    assert choice.reason.endswith("decomposed 100.0 ms; so layernorm, not the probe's decomposed")
+    assert choice.fallbacks() == ["decomposed"]
+    tie = LoweringChoice("auto", "decomposed", "probe", "x", 2, probed())
+    assert tie.settle_on_model({"decomposed": 100.0, "layernorm": 100.0 * (1 + TIE) - 0.1}, "3x8x8") == "layernorm"
+    assert "most stress margin" in tie.reason
+    clear = LoweringChoice("auto", "layernorm", "probe", "x", 2, probed())
+    assert clear.settle_on_model({"decomposed": 50.0, "layernorm": 100.0}, "3x8x8") == "decomposed"
+    alone = LoweringChoice("auto", "decomposed", "probe", "x", 2, probed())
+    assert alone.settle_on_model({"decomposed": 5.0}, "3x8x8") == "decomposed" and alone.reason == "probe"
 
 
 def test_metadata_round_trips_through_the_file(tmp_path):
