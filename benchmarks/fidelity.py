@@ -136,7 +136,8 @@ def main() -> None:
     print(
         f"convert --calibrate TRAIN with its defaults{' and ' + ', '.join(args.sets) if args.sets else ''}: "
         f"{defaults.calib_samples} images (20% held out), {defaults.calib_steps} steps/block, "
-        f"{defaults.calib_final_steps} end-to-end steps, --max-frozen {defaults.frozen_spec()} "
+        f"{'auto' if defaults.calib_final_steps is None else defaults.calib_final_steps} end-to-end steps, "
+        f"batches of {defaults.calib_batch_size or 'auto'}, --max-frozen {defaults.frozen_spec()} "
         f"(--frozen-rank {defaults.frozen_rank}); torch "
         f"{torch.__version__}, CPU, {args.threads} threads\n"
     )

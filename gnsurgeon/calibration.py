@@ -58,7 +58,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -93,20 +93,48 @@ from .reach import reached_layers, unreached_note
 _T = TypeVar("_T")
 
 
+# Auto batch size: a calibration batch holds about this many pixels (32 images of 128×128), between
+# AUTO_BATCH_MIN and AUTO_BATCH_MAX images. Each tuning step (block and end to end) runs one batch,
+# so at 224×224 a step is 10 images and costs what a 32-image step costs at 128×128, where the
+# tuning passes were measured (README "Benchmarks"); the closed-form layer fit and the held-out
+# scores do not depend on the batching. Measured at 224 on the shifted224 benchmark: README.
+AUTO_BATCH_PIXELS = 32 * 128 * 128
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 8, 32
+# Auto end-to-end pass: FINAL_STEPS steps where some GN layer's groups hold fewer than
+# FINAL_PASS_GROUP_VALUES values per image (C/G x H x W at the calibration input size), else off.
+# That is where it paid on the benchmarks: MobileNetV3-small's groups of 12-256 values at 64×64 and
+# 128×128 (up to +8 points); ResNet-18, whose smallest groups hold 64-256 values there, never kept
+# it. At 224×224 ResNets' groups hold 784 or more (16 channels × 7×7), and there the pass is most of
+# the cost (resnet50: 2.5 of 3 hours on 2 CPU cores). README "Calibration", shifted224 benchmark.
+FINAL_STEPS = 300
+FINAL_PASS_GROUP_VALUES = 512
+
+
+def auto_batch_size(input_size: tuple[int, ...]) -> int:
+    """Images per calibration batch for inputs of ``input_size`` (C, H, W[, ...]): :data:`AUTO_BATCH_PIXELS`
+    over the pixels per image, within [AUTO_BATCH_MIN, AUTO_BATCH_MAX]."""
+    pixels = math.prod(input_size[1:]) if len(input_size) > 1 else 1
+    return max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, round(AUTO_BATCH_PIXELS / max(1, pixels))))
+
+
 @dataclass
 class CalibrationOptions:
-    """How to calibrate: the image folder, how many images, the method and its budget."""
+    """How to calibrate: the image folder, how many images, the method and its budget.
+
+    ``batch_size`` 0 and ``final_steps`` None are resolved by :func:`calibrate` for the model and
+    its input size (:func:`auto_batch_size`, :func:`auto_final_steps`); the report gives the values
+    used and why (``settings``)."""
 
     data: str = ""
     samples: int = 256
     holdout: float = 0.2
-    batch_size: int = 32
+    batch_size: int = 0  # 0: auto (auto_batch_size)
     method: str = "block"  # "layer" (closed form only) or "block" (closed form, block tuning, end to end)
     block_steps: int = 150
     block_inner_steps: int = 1  # optimiser steps per computed batch (more is cheaper but fits worse)
     block_lr: float = 3e-3
     max_block_layers: int = 4
-    final_steps: int = 300  # end-to-end logits matching over the whole student (no labels); 0: off
+    final_steps: int | None = None  # end-to-end logits matching (no labels); 0: off; None: auto (auto_final_steps)
     final_lr: float = 1e-3
     final_mix: bool = True  # label-free mixup of the calibration images: more distinct inputs, less overfit
     final_augment: bool = True  # random shifts and scales of the images (the original labels whatever it sees)
@@ -141,8 +169,10 @@ class CalibrationOptions:
         if not 0 <= self.holdout < 1:
             raise GNSurgeonError("the calibration hold-out fraction must be in [0, 1)")
         self.torch_device()
-        if self.block_steps < 0 or self.final_steps < 0:
+        if self.block_steps < 0 or (self.final_steps is not None and self.final_steps < 0):
             raise GNSurgeonError("--calib-steps and --calib-final-steps must be 0 or more")
+        if self.batch_size < 0:
+            raise GNSurgeonError("the calibration batch size must be 0 (auto) or more")
         if not 0 <= self.final_abort < 1:
             raise GNSurgeonError("the end-to-end pass's abort point (final_abort) must be in [0, 1)")
         if self.cache not in CACHE_MODES:
@@ -170,12 +200,15 @@ class CalibrationReport:
     # the cache through each block), layer_fit, block_tuning and end_to_end (optimiser steps),
     # scoring (each pass's held-out error before and after), metrics (this report's before/after).
     phases: dict = field(default_factory=dict)
+    # The auto settings as resolved: {"batch_size", "final_steps", "auto": {setting: why}}.
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "samples": self.samples,
             "holdout": self.holdout,
+            "settings": self.settings,
             "seconds": round(self.seconds, 3),
             "before": self.before,
             "after": self.after,
@@ -910,7 +943,8 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     """(fit batches, held-out batches, fit count, held-out count): two re-iterable, seeded streams.
 
     ``options.samples`` images are read with the model's eval transform; ``options.holdout`` of them
-    are kept apart for the agreement metric (all are used for both when there are too few).
+    are kept apart for the agreement metric (all are used for both when there are too few). Batches
+    of ``options.batch_size`` images, or :func:`auto_batch_size` for the input size when it is 0.
     """
     device = options.torch_device()
     dataset = ImageFolderData(
@@ -922,9 +956,11 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
     hold_set = Subset(dataset, sorted(shuffled[:n_hold]))
 
+    batch = options.batch_size or auto_batch_size(tuple(data_config.input_size))
+
     def stream(subset):
         def iterate():
-            dl = DataLoader(subset, batch_size=options.batch_size, shuffle=False, collate_fn=collate_skip_broken)
+            dl = DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_skip_broken)
             return _batches(dl, broken, device)
 
         return iterate
@@ -956,12 +992,21 @@ def calibrate(
     if not gn_paths:
         raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
 
+    auto: dict[str, str] = {}
+    if not options.batch_size:
+        options = replace(options, batch_size=auto_batch_size(tuple(data_config.input_size)))
+        size = "x".join(map(str, data_config.input_size[1:]))
+        auto["batch_size"] = f"{options.batch_size} images of {size} (about {AUTO_BATCH_PIXELS} pixels a batch)"
     broken = BrokenImages()
     fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
     first = next(iter(fit_data()), None)
     order, unreached = _execution_order(student, gn_paths, first)
+    if options.final_steps is None:
+        steps, auto["final_steps"] = auto_final_steps(*smallest_groups(student, order, first))
+        options = replace(options, final_steps=steps)
     clock = _Clock(device)
     report = CalibrationReport(options.method, n_fit, n_hold)
+    report.settings = {"batch_size": options.batch_size, "final_steps": options.final_steps, "auto": auto}
     if unreached:  # e.g. GoogLeNet's aux heads: they run in training only, so there is nothing to fit them on
         report.notes.append(unreached_note(unreached, consequence="not calibrated (γ/β as converted)"))
     with clock.timed("metrics"):
@@ -1132,6 +1177,29 @@ def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callabl
             progress(done, total)
 
     return tick
+
+
+def smallest_groups(model: nn.Module, paths: list[str], x: torch.Tensor) -> tuple[str, int]:
+    """The GN layer of ``paths`` whose groups hold the fewest values per image on ``x`` (C/G x the
+    spatial size it runs at), and that number. One image is run; only input shapes are kept."""
+    seen = capture(model, x[:1], inputs=paths, transform=lambda _path, _module, t: tuple(t.shape))
+    values = {
+        path: math.prod(calls[0].first[1:]) // model.get_submodule(path).num_groups
+        for path, calls in seen.inputs.items()
+    }
+    path = min(values, key=values.get)
+    return path, values[path]
+
+
+def auto_final_steps(path: str, values: int) -> tuple[int, str]:
+    """The end-to-end pass's steps when not given, from the smallest GN groups (:func:`smallest_groups`),
+    and why in words: :data:`FINAL_STEPS` below :data:`FINAL_PASS_GROUP_VALUES` values a group, else 0."""
+    if values < FINAL_PASS_GROUP_VALUES:
+        return FINAL_STEPS, f"on: {path}'s groups hold {values} values (fewer than {FINAL_PASS_GROUP_VALUES})"
+    return 0, (
+        f"off: every GN group holds {FINAL_PASS_GROUP_VALUES} values or more (the fewest: {values}, {path}); "
+        "--calib-final-steps 300 runs it"
+    )
 
 
 def _execution_order(model: nn.Module, paths: list[str], x: torch.Tensor | None) -> tuple[list[str], list[str]]:

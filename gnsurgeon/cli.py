@@ -81,7 +81,12 @@ CalibMethod = Annotated[
 ]
 CalibSteps = Annotated[int | None, typer.Option("--calib-steps", help="Reconstruction steps per block (150).")]
 CalibFinalSteps = Annotated[
-    int | None, typer.Option("--calib-final-steps", help="End-to-end logits-matching steps (300; 0: off).")
+    int | None,
+    typer.Option(
+        "--calib-final-steps",
+        help="End-to-end logits-matching steps (0: off). Default: 300 where some GN group holds fewer than "
+        "512 values per image (C/G x H x W), else off.",
+    ),
 ]
 CalibDevice = Annotated[
     str | None, typer.Option("--calib-device", help="Where to calibrate: auto (CUDA when present), cpu, cuda:N.")

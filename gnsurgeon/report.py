@@ -233,6 +233,11 @@ def calibration_summary(cal: dict) -> str:
             if "stopped_at" in b:  # calibration's final_abort ended the pass early
                 outcome += f" (stopped after {b['stopped_at']} steps)"
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
+    auto = (cal.get("settings") or {}).get("auto", {})
+    if "batch_size" in auto:
+        text += f"; batches of {auto['batch_size']} (auto)"
+    if auto.get("final_steps", "").startswith("off"):
+        text += f"; end-to-end pass {auto['final_steps']} (auto)"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
     for note in cal.get("notes", []):
