@@ -16,9 +16,11 @@ The mode rows run the layer fit and block tuning only: the end-to-end pass (the 
 cache) holds a training step of the whole model at batch 2 × 32 (mixup), which would hide each
 mode's memory; it runs in a child of its own (cached layer fit, no block tuning, the end-to-end
 steps). The last table extrapolates the whole default calibration (256 images: 205 fitted, 51 held
-out; layer fit, 150 steps per block, 300 end-to-end steps) from those two runs: the layer fit and
-the cache's propagation scale with the images, tuning with the steps, each pass's held-out scoring
-and the report's metrics with the held-out images.
+out; layer fit, 150 steps per block, and the end-to-end pass where the default runs it: 300 steps
+where some GN group holds fewer than 512 values, :func:`gnsurgeon.calibration.auto_final_steps`)
+from those two runs: the layer fit and the cache's propagation scale with the images, tuning with
+the steps, each pass's held-out scoring and the report's metrics with the held-out images. Batches
+are the default's (:func:`gnsurgeon.calibration.auto_batch_size`: 10 images at 224×224).
 
 The machine may be shared (note `uptime` before and after): each row also gives the CPU seconds
 of its calibration (all threads), the cached/streaming ratio is given in both, and the
@@ -42,7 +44,7 @@ import torch
 from PIL import Image
 
 import gnsurgeon
-from gnsurgeon.calibration import CalibrationOptions, calibrate
+from gnsurgeon.calibration import CalibrationOptions, auto_batch_size, auto_final_steps, calibrate, smallest_groups
 from gnsurgeon.layers import norm_kind
 from gnsurgeon.sources import DataConfig
 
@@ -54,7 +56,7 @@ MODES = {  # row name -> (CalibrationOptions.cache, cache_mem)
 }
 E2E = "e2e"  # the end-to-end pass alone (after the cached layer fit): its own child, its own peak RSS
 DEFAULT_IMAGES, DEFAULT_FIT, DEFAULT_HELD = 256, 205, 51
-DEFAULT_BLOCK_STEPS, DEFAULT_FINAL_STEPS = 150, 300
+DEFAULT_BLOCK_STEPS = 150
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,19 +148,27 @@ def _core(r: dict) -> float:
     return sum(ph.get(k, 0.0) for k in ("probe", "layer_fit", "block_tuning", "propagation", "scoring"))
 
 
-def _whole_default(r: dict, e2e: dict, steps: int, final_steps: int) -> dict[str, float]:
+def default_final_steps(model: str, size: int) -> tuple[int, str]:
+    """The end-to-end steps the default runs for ``model`` at ``size`` (auto), and why."""
+    teacher = timm.create_model(model).eval()
+    plan = gnsurgeon.make_plan(teacher)
+    student = gnsurgeon.apply_plan(teacher, plan)
+    return auto_final_steps(*smallest_groups(student, [lp.path for lp in plan], torch.zeros(1, 3, size, size)))
+
+
+def _whole_default(r: dict, e2e: dict, steps: int, final_steps: int, default_final: int) -> dict[str, float]:
     """Seconds of the whole default calibration, extrapolated from the cached run ``r`` and the
-    end-to-end run ``e2e`` (see the docstring)."""
+    end-to-end run ``e2e`` (see the docstring); ``default_final``: the end-to-end steps the default runs."""
     ph, n_fit, n_held = r["phases"], r["samples"], max(1, r["holdout"])
     e2e_step = e2e["phases"].get("end_to_end", 0.0) / max(1, final_steps)
-    e2e_scoring = e2e["phases"].get("scoring", 0.0)
+    e2e_scoring = e2e["phases"].get("scoring", 0.0) if default_final else 0.0
     # Held-out scoring happens twice per tuned block and twice for the end-to-end pass.
     return {
         "layer fit": ph.get("layer_fit", 0.0) * DEFAULT_FIT / n_fit,
         "cache propagation and re-syncs": ph.get("propagation", 0.0) * DEFAULT_IMAGES / (n_fit + r["holdout"]),
         "block tuning": ph.get("block_tuning", 0.0) / max(1, steps) * DEFAULT_BLOCK_STEPS,
         "held-out scoring (keep/undo)": (ph.get("scoring", 0.0) + e2e_scoring) * DEFAULT_HELD / n_held,
-        "end to end": e2e_step * DEFAULT_FINAL_STEPS,
+        "end to end": e2e_step * default_final,
         "report metrics and probe": ph.get("metrics", 0.0) * DEFAULT_HELD / n_held + ph.get("probe", 0.0),
     }
 
@@ -195,7 +205,8 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
     first = next(iter(results.values()))
     print(
         f"{args.size}x{args.size}, {first['samples']} fitted + {first['holdout']} held-out random images, "
-        f"batch 32, {args.steps} tuning steps per block; CPU, {args.threads} threads, torch {torch.__version__}; "
+        f"batches of {auto_batch_size((3, args.size, args.size))} (the default), {args.steps} tuning steps per "
+        f"block; CPU, {args.threads} threads, torch {torch.__version__}; "
         "one child process per row, run one after another\n"
     )
     print(
@@ -224,23 +235,36 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
             print(f"| {model} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
     if not e2e:
         return
+    batch = auto_batch_size((3, args.size, args.size))
+    finals = {model: default_final_steps(model, args.size) for model in args.models}
     print(
-        f"\nWhole default calibration ({DEFAULT_IMAGES} images, {DEFAULT_BLOCK_STEPS} steps per block, "
-        f"{DEFAULT_FINAL_STEPS} end-to-end steps), extrapolated from the float32 cached run and "
-        f"{args.final_steps} end-to-end steps at batch 2 × 32 (minutes):\n"
+        f"\nWhole default calibration ({DEFAULT_IMAGES} images, {DEFAULT_BLOCK_STEPS} steps per block, the "
+        f"end-to-end pass where the default runs it), extrapolated from the float32 cached run and "
+        f"{args.final_steps} end-to-end steps at batch 2 × {batch} (minutes):\n"
     )
-    parts = list(_whole_default(first, first, 1, 1))
-    print("| model | " + " | ".join(parts) + " | total | total, at CPU time / threads | end-to-end peak RSS (MiB) |")
-    print("|---|" + "---:|" * (len(parts) + 3))
+    for model, (_steps, why) in finals.items():
+        print(f"- {model}: end-to-end pass {why}")
+    print()
+    parts = list(_whole_default(first, first, 1, 1, 1))
+    print(
+        "| model | " + " | ".join(parts) + " | total | total, at CPU time / threads | end-to-end peak RSS (MiB) "
+        "| end to end if forced on (300 steps) |"
+    )
+    print("|---|" + "---:|" * (len(parts) + 4))
     for model in args.models:
         if (model, "ram") in results and model in e2e:
-            est = _whole_default(results[(model, "ram")], e2e[model], args.steps, args.final_steps)
+            est = _whole_default(results[(model, "ram")], e2e[model], args.steps, args.final_steps, finals[model][0])
+            forced = _whole_default(results[(model, "ram")], e2e[model], args.steps, args.final_steps, 300)
             cells = " | ".join(f"{v / 60:.1f}" for v in est.values())
             rss = e2e[model]["memory"].get("peak_rss_mb", 0)
             e2e_part = est["end to end"]
             alone = (sum(est.values()) - e2e_part) * _unloaded(results[(model, "ram")], args.threads)
             alone += e2e_part * _unloaded(e2e[model], args.threads)
-            print(f"| {model} | {cells} | {sum(est.values()) / 60:.1f} | {alone / 60:.1f} | {rss:.0f} |")
+            rss_cell = f"{rss:.0f}" if finals[model][0] else f"({rss:.0f}, not run)"
+            print(
+                f"| {model} | {cells} | {sum(est.values()) / 60:.1f} | {alone / 60:.1f} | {rss_cell} "
+                f"| {forced['end to end'] / 60:.1f} |"
+            )
 
 
 if __name__ == "__main__":
