@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/calibration_cost.py [--models resnet50 mobilenetv3_large_100]
         [--images 40] [--steps 2] [--final-steps 2] [--threads 2] [--modes off ram fp16 disk]
+    .venv/bin/python benchmarks/calibration_cost.py --whole   # the whole default calibration, measured
 
 Each (model, cache mode) runs the same calibration, one after the other, each in its own child
 process so that each mode's peak RSS is its own (timings never overlap). Random init with BN
@@ -55,6 +56,7 @@ MODES = {  # row name -> (CalibrationOptions.cache, cache_mem)
     "disk": ("disk", "50%"),
 }
 E2E = "e2e"  # the end-to-end pass alone (after the cached layer fit): its own child, its own peak RSS
+WHOLE = "whole"  # --whole: the whole default calibration, timed for real
 DEFAULT_IMAGES, DEFAULT_FIT, DEFAULT_HELD = 256, 205, 51
 DEFAULT_BLOCK_STEPS = 150
 
@@ -80,22 +82,25 @@ def child(args: argparse.Namespace) -> None:
     teacher = _trained_like(timm.create_model(args.model))
     plan = gnsurgeon.make_plan(teacher)
     student = gnsurgeon.apply_plan(teacher, plan)
-    cache, cache_mem = MODES["ram" if args.mode == E2E else args.mode]
     config = DataConfig(input_size=(3, args.size, args.size), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
-    options = CalibrationOptions(
-        data=args.folder,
-        samples=args.images,
-        block_steps=args.steps,
-        final_steps=args.final_steps,
-        cache=cache,
-        cache_mem=cache_mem,
-    )
+    if args.mode == WHOLE:  # every default: what `convert --calibrate DIR` runs
+        options = CalibrationOptions(data=args.folder, samples=args.images)
+    else:
+        cache, cache_mem = MODES["ram" if args.mode == E2E else args.mode]
+        options = CalibrationOptions(
+            data=args.folder,
+            samples=args.images,
+            block_steps=args.steps,
+            final_steps=args.final_steps,
+            cache=cache,
+            cache_mem=cache_mem,
+        )
     start, cpu_start = time.perf_counter(), time.process_time()
     calibrated, report = calibrate(teacher, student, plan, config, options)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     torch.save(calibrated.state_dict(), Path(args.folder).parent / f"{args.model}-{args.mode}.pt")
     out = report.to_dict()
-    keep = ("samples", "holdout", "phases", "memory", "cache", "layers", "after")
+    keep = ("samples", "holdout", "settings", "phases", "memory", "cache", "layers", "after")
     print(json.dumps({k: out[k] for k in keep} | {"seconds": seconds, "cpu_seconds": cpu_seconds}))
 
 
@@ -109,6 +114,27 @@ def _run_child(args: argparse.Namespace, folder: Path, model: str, mode: str) ->
     if done.returncode:
         sys.exit(f"{model} {mode} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_whole(args: argparse.Namespace, results: dict) -> None:
+    """The --whole table: each model's default calibration, measured, by phase (minutes)."""
+    print(
+        f"Whole default calibration, measured: {args.size}x{args.size}, {DEFAULT_IMAGES} random images (205 fitted, "
+        f"51 held out), every CalibrationOptions default; CPU, {args.threads} threads, torch {torch.__version__}\n"
+    )
+    for model, r in results.items():
+        for key, why in r["settings"].get("auto", {}).items():
+            print(f"- {model}: {key} {why}")
+    phases = ["probe", "layer_fit", "propagation", "block_tuning", "scoring", "end_to_end", "metrics"]
+    head = " | ".join(phases)
+    print(f"\n| model | batch | end-to-end steps | {head} | total (min) | CPU (min) | peak RSS (MiB) |")
+    print("|---|---:|---:|" + "---:|" * (len(phases) + 3))
+    for model, r in results.items():
+        cells = " | ".join(f"{r['phases'].get(p, 0.0) / 60:.2f}" for p in phases)
+        print(
+            f"| {model} | {r['settings']['batch_size']} | {r['settings']['final_steps']} | {cells} "
+            f"| {r['seconds'] / 60:.1f} | {r['cpu_seconds'] / 60:.1f} | {r['memory'].get('peak_rss_mb', 0):.0f} |"
+        )
 
 
 def _unloaded(r: dict, threads: int) -> float:
@@ -182,12 +208,17 @@ def main() -> None:
     parser.add_argument("--final-steps", type=int, default=2, help="end-to-end steps timed (in a child of their own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--whole", action="store_true", help="instead: run the whole default calibration (256 images) once per model"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.model, args.mode = args.child
         return child(args)
+    if args.whole:
+        args.images = DEFAULT_IMAGES
     with tempfile.TemporaryDirectory(prefix="gnsurgeon-calib-cost-") as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -195,6 +226,8 @@ def main() -> None:
         for i in range(args.images):
             pixels = (torch.rand(args.size, args.size, 3, generator=gen) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        if args.whole:
+            return _print_whole(args, {m: _run_child(args, folder, m, WHOLE) for m in args.models})
         results = {(m, mode): _run_child(args, folder, m, mode) for m in args.models for mode in args.modes}
         params = {key: torch.load(Path(tmp) / f"{key[0]}-{key[1]}.pt") for key in results}
         e2e = {m: _run_child(args, folder, m, E2E) for m in args.models if args.final_steps}
