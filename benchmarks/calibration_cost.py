@@ -20,8 +20,7 @@ steps). The last table extrapolates the whole default calibration (256 images: 2
 out; layer fit, 150 steps per block, and the end-to-end pass where the default runs it: 300 steps
 where some GN group holds fewer than 512 values, :func:`gnsurgeon.calibration.auto_final_steps`)
 from those two runs: the layer fit and the cache's propagation scale with the images, tuning with
-the steps, each pass's held-out scoring and the report's metrics with the held-out images. Batches
-are the default's (:func:`gnsurgeon.calibration.auto_batch_size`: 10 images at 224×224).
+the steps, each pass's held-out scoring and the report's metrics with the held-out images.
 
 The machine may be shared (note `uptime` before and after): each row also gives the CPU seconds
 of its calibration (all threads), the cached/streaming ratio is given in both, and the
@@ -45,7 +44,7 @@ import torch
 from PIL import Image
 
 import gnsurgeon
-from gnsurgeon.calibration import CalibrationOptions, auto_batch_size, auto_final_steps, calibrate, smallest_groups
+from gnsurgeon.calibration import CalibrationOptions, auto_final_steps, calibrate, smallest_groups
 from gnsurgeon.layers import norm_kind
 from gnsurgeon.sources import DataConfig
 
@@ -238,8 +237,7 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
     first = next(iter(results.values()))
     print(
         f"{args.size}x{args.size}, {first['samples']} fitted + {first['holdout']} held-out random images, "
-        f"batches of {auto_batch_size((3, args.size, args.size))} (the default), {args.steps} tuning steps per "
-        f"block; CPU, {args.threads} threads, torch {torch.__version__}; "
+        f"batch 32, {args.steps} tuning steps per block; CPU, {args.threads} threads, torch {torch.__version__}; "
         "one child process per row, run one after another\n"
     )
     print(
@@ -268,12 +266,11 @@ def _print(args: argparse.Namespace, results: dict, params: dict, e2e: dict) -> 
             print(f"| {model} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
     if not e2e:
         return
-    batch = auto_batch_size((3, args.size, args.size))
     finals = {model: default_final_steps(model, args.size) for model in args.models}
     print(
         f"\nWhole default calibration ({DEFAULT_IMAGES} images, {DEFAULT_BLOCK_STEPS} steps per block, the "
         f"end-to-end pass where the default runs it), extrapolated from the float32 cached run and "
-        f"{args.final_steps} end-to-end steps at batch 2 × {batch} (minutes):\n"
+        f"{args.final_steps} end-to-end steps at batch 2 × 32 (minutes):\n"
     )
     for model, (_steps, why) in finals.items():
         print(f"- {model}: end-to-end pass {why}")

@@ -1,6 +1,6 @@
 """Calibration fidelity on real data: BN teacher vs GN (γ/β copy) vs calibrated GN, in one run.
 
-    .venv/bin/python benchmarks/fidelity.py [--benchmarks digits regions shifted]
+    .venv/bin/python benchmarks/fidelity.py [--benchmarks digits regions shifted shifted224]
         [--archs resnet18 mobilenetv3_small_100] [--policies G=32 C/G=16] [--threads 2]
         [--set calib_final_steps=0 --set max_frozen=0 ...] [--no-layer-fit]
 
@@ -12,6 +12,8 @@ Benchmarks (each with its BN teachers, trained once and cached under bench-data/
   parts of the photos (``val``), see ``photos.py``.
 * ``shifted`` — 128×128 photo crops (last stage 4×4); shifted crops zoomed out and with another
   contrast and brightness.
+* ``shifted224`` — the same crops at 224×224 (last stage 7×7), teachers trained at 224 (not in the
+  default list: its teachers take about 15 minutes to train on 2 CPU cores).
 
 Each teacher is converted with ``gnsurgeon.convert_source`` — the ``convert --calibrate TRAIN``
 command with its defaults (``--set KEY=VALUE`` overrides a ``ConvertOptions`` field, for ablations) —

@@ -93,42 +93,28 @@ from .reach import reached_layers, unreached_note
 _T = TypeVar("_T")
 
 
-# Auto batch size: a calibration batch holds about this many pixels (32 images of 128×128), between
-# AUTO_BATCH_MIN and AUTO_BATCH_MAX images. Each tuning step (block and end to end) runs one batch,
-# so at 224×224 a step is 10 images and costs what a 32-image step costs at 128×128, where the
-# tuning passes were measured (README "Benchmarks"); the closed-form layer fit and the held-out
-# scores do not depend on the batching. Measured at 224 on the shifted224 benchmark: README.
-AUTO_BATCH_PIXELS = 32 * 128 * 128
-AUTO_BATCH_MIN, AUTO_BATCH_MAX = 8, 32
 # Auto end-to-end pass: FINAL_STEPS steps where some GN layer's groups hold fewer than
 # FINAL_PASS_GROUP_VALUES values per image (C/G x H x W at the calibration input size), else off.
-# That is where it paid on the benchmarks: MobileNetV3-small's groups of 12-256 values at 64×64 and
-# 128×128 (up to +8 points); ResNet-18, whose smallest groups hold 64-256 values there, never kept
-# it. At 224×224 ResNets' groups hold 784 or more (16 channels × 7×7), and there the pass is most of
-# the cost (resnet50: 2.5 of 3 hours on 2 CPU cores). README "Calibration", shifted224 benchmark.
+# That is where it paid on the benchmarks: MobileNetV3-small's smallest groups hold 3-256 values at
+# 32×32 to 128×128, and the pass is worth up to 8 points there; ResNet-18's hold 16-256 and it never
+# kept the pass. At 224×224 ResNets' groups hold 784 or more (16 channels × 7×7); there, forced on,
+# the pass changed no result on the shifted224 benchmark and would be most of resnet50's calibration
+# time. README "Calibration" (batches and the end-to-end pass) and "Benchmarks".
 FINAL_STEPS = 300
 FINAL_PASS_GROUP_VALUES = 512
-
-
-def auto_batch_size(input_size: tuple[int, ...]) -> int:
-    """Images per calibration batch for inputs of ``input_size`` (C, H, W[, ...]): :data:`AUTO_BATCH_PIXELS`
-    over the pixels per image, within [AUTO_BATCH_MIN, AUTO_BATCH_MAX]."""
-    pixels = math.prod(input_size[1:]) if len(input_size) > 1 else 1
-    return max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, round(AUTO_BATCH_PIXELS / max(1, pixels))))
 
 
 @dataclass
 class CalibrationOptions:
     """How to calibrate: the image folder, how many images, the method and its budget.
 
-    ``batch_size`` 0 and ``final_steps`` None are resolved by :func:`calibrate` for the model and
-    its input size (:func:`auto_batch_size`, :func:`auto_final_steps`); the report gives the values
-    used and why (``settings``)."""
+    ``final_steps`` None is resolved by :func:`calibrate` for the model and its input size
+    (:func:`auto_final_steps`); the report gives the value used and why (``settings``)."""
 
     data: str = ""
     samples: int = 256
     holdout: float = 0.2
-    batch_size: int = 0  # 0: auto (auto_batch_size)
+    batch_size: int = 32
     method: str = "block"  # "layer" (closed form only) or "block" (closed form, block tuning, end to end)
     block_steps: int = 150
     block_inner_steps: int = 1  # optimiser steps per computed batch (more is cheaper but fits worse)
@@ -171,8 +157,8 @@ class CalibrationOptions:
         self.torch_device()
         if self.block_steps < 0 or (self.final_steps is not None and self.final_steps < 0):
             raise GNSurgeonError("--calib-steps and --calib-final-steps must be 0 or more")
-        if self.batch_size < 0:
-            raise GNSurgeonError("the calibration batch size must be 0 (auto) or more")
+        if self.batch_size < 1:
+            raise GNSurgeonError("the calibration batch size must be at least 1")
         if not 0 <= self.final_abort < 1:
             raise GNSurgeonError("the end-to-end pass's abort point (final_abort) must be in [0, 1)")
         if self.cache not in CACHE_MODES:
@@ -943,8 +929,7 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     """(fit batches, held-out batches, fit count, held-out count): two re-iterable, seeded streams.
 
     ``options.samples`` images are read with the model's eval transform; ``options.holdout`` of them
-    are kept apart for the agreement metric (all are used for both when there are too few). Batches
-    of ``options.batch_size`` images, or :func:`auto_batch_size` for the input size when it is 0.
+    are kept apart for the agreement metric (all are used for both when there are too few).
     """
     device = options.torch_device()
     dataset = ImageFolderData(
@@ -956,11 +941,9 @@ def calibration_batches(options: CalibrationOptions, data_config: DataConfig, br
     fit_set = Subset(dataset, sorted(shuffled[n_hold:]))
     hold_set = Subset(dataset, sorted(shuffled[:n_hold]))
 
-    batch = options.batch_size or auto_batch_size(tuple(data_config.input_size))
-
     def stream(subset):
         def iterate():
-            dl = DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate_skip_broken)
+            dl = DataLoader(subset, batch_size=options.batch_size, shuffle=False, collate_fn=collate_skip_broken)
             return _batches(dl, broken, device)
 
         return iterate
@@ -993,10 +976,6 @@ def calibrate(
         raise GNSurgeonError("nothing to calibrate: the plan converts no layer to GroupNorm")
 
     auto: dict[str, str] = {}
-    if not options.batch_size:
-        options = replace(options, batch_size=auto_batch_size(tuple(data_config.input_size)))
-        size = "x".join(map(str, data_config.input_size[1:]))
-        auto["batch_size"] = f"{options.batch_size} images of {size} (about {AUTO_BATCH_PIXELS} pixels a batch)"
     broken = BrokenImages()
     fit_data, eval_data, n_fit, n_hold = calibration_batches(options, data_config, broken)
     first = next(iter(fit_data()), None)

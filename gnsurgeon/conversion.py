@@ -80,7 +80,7 @@ class ConvertOptions(SourceOptions):
     calib_method: str = "block"
     calib_steps: int = 150
     calib_final_steps: int | None = None  # None: auto (calibration.auto_final_steps)
-    calib_batch_size: int = 0  # 0: auto (calibration.auto_batch_size)
+    calib_batch_size: int = 32
     calib_device: str = "auto"
     calib_cache: str = "auto"  # where calibration keeps block-boundary activations (auto, off, ram, disk)
     calib_cache_mem: str = "50%"  # its memory budget: a size (8G) or a share of the free memory

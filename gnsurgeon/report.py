@@ -234,8 +234,6 @@ def calibration_summary(cal: dict) -> str:
                 outcome += f" (stopped after {b['stopped_at']} steps)"
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     auto = (cal.get("settings") or {}).get("auto", {})
-    if "batch_size" in auto:
-        text += f"; batches of {auto['batch_size']} (auto)"
     if auto.get("final_steps", "").startswith("off"):
         text += f"; end-to-end pass {auto['final_steps']} (auto)"
     if cal["broken_images"].get("count"):

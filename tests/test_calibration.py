@@ -18,7 +18,6 @@ from gnsurgeon.calibration import (
     _final_pass,
     _layer_errors,
     _reconstruct_block,
-    auto_batch_size,
     auto_final_steps,
     calibrate,
     calibration_batches,
@@ -350,11 +349,6 @@ def test_sampled_layer_errors_track_the_exact_ones(teacher, images):
     assert max(exact.values()) > 0.05  # the copy really is off, so the comparison means something
 
 
-def test_auto_batch_size_keeps_about_the_pixels_of_32_images_at_128():
-    sizes = [auto_batch_size((3, side, side)) for side in (32, 64, 128, 160, 224, 512)]
-    assert sizes == [32, 32, 32, 20, 10, 8]
-
-
 def test_auto_end_to_end_pass_runs_only_where_gn_groups_hold_few_values(teacher, images):
     """Not given, the end-to-end pass runs where some GN group holds fewer than 512 values per image
     (test_resnet at 32x32: its last maps are 1x1) and is off where every group is large (one 32-channel
@@ -365,12 +359,12 @@ def test_auto_end_to_end_pass_runs_only_where_gn_groups_hold_few_values(teacher,
     torch.manual_seed(0)
     seg = _far_from_identity(_TinySegmenter())
     seg_plan = make_plan(seg)
-    auto = _options(images, final_steps=None, batch_size=0)
+    auto = _options(images, final_steps=None)
     _, report = calibrate(seg, apply_plan(seg, seg_plan), seg_plan, CONFIG, auto)
     assert report.settings["final_steps"] == 0 and all(b["block"] != "(end to end)" for b in report.blocks)
     why = report.settings["auto"]["final_steps"]
     assert why.startswith("off: every GN group holds 512 values or more (the fewest: 2048, body.1)")
-    assert report.settings["batch_size"] == 32 and "32 images of 32x32" in report.settings["auto"]["batch_size"]
+    assert set(report.settings["auto"]) == {"final_steps"} and report.settings["batch_size"] == 8
     assert "end-to-end pass off: every GN group" in calibration_summary(report.to_dict())
     _, forced = calibrate(seg, apply_plan(seg, seg_plan), seg_plan, CONFIG, _options(images, final_steps=3))
     assert forced.blocks[-1]["block"] == "(end to end)" and forced.blocks[-1]["steps"] == 3
