@@ -234,8 +234,8 @@ def calibration_summary(cal: dict) -> str:
                 outcome += f" (stopped after {b['stopped_at']} steps)"
             text += f"; end-to-end logits KL {b['loss_first']:.3g} -> {outcome}"
     auto = (cal.get("settings") or {}).get("auto", {})
-    if auto.get("final_steps", "").startswith("off"):
-        text += f"; end-to-end pass {auto['final_steps']} (auto)"
+    if auto.get("final_steps", "").startswith("off: "):
+        text += f"; end-to-end pass off (auto): {auto['final_steps'].removeprefix('off: ')}"
     if cal["broken_images"].get("count"):
         text += f"; {cal['broken_images']['count']} unreadable image(s), e.g. {cal['broken_images']['first'][0]}"
     for note in cal.get("notes", []):

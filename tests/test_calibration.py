@@ -365,7 +365,7 @@ def test_auto_end_to_end_pass_runs_only_where_gn_groups_hold_few_values(teacher,
     why = report.settings["auto"]["final_steps"]
     assert why.startswith("off: every GN group holds 512 values or more (the fewest: 2048, body.1)")
     assert set(report.settings["auto"]) == {"final_steps"} and report.settings["batch_size"] == 8
-    assert "end-to-end pass off: every GN group" in calibration_summary(report.to_dict())
+    assert "end-to-end pass off (auto): every GN group" in calibration_summary(report.to_dict())
     _, forced = calibrate(seg, apply_plan(seg, seg_plan), seg_plan, CONFIG, _options(images, final_steps=3))
     assert forced.blocks[-1]["block"] == "(end to end)" and forced.blocks[-1]["steps"] == 3
     assert forced.settings["auto"] == {} and forced.settings["final_steps"] == 3
