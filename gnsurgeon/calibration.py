@@ -99,7 +99,7 @@ _T = TypeVar("_T")
 # 32×32 to 128×128, and the pass is worth up to 8 points there; ResNet-18's hold 16-256 and it never
 # kept the pass. At 224×224 ResNets' groups hold 784 or more (16 channels × 7×7); there, forced on,
 # the pass changed no result on the shifted224 benchmark and would be most of resnet50's calibration
-# time. README "Calibration" (batches and the end-to-end pass) and "Benchmarks".
+# time. README "Calibration" (the end-to-end pass follows the input size) and "Benchmarks".
 FINAL_STEPS = 300
 FINAL_PASS_GROUP_VALUES = 512
 

@@ -28,10 +28,10 @@ candidate with the most margin on the stress inputs wins: timing noise must not 
 forms when one is clearly more accurate. The one-GN timing does not predict a whole model at more
 than one thread (onnxruntime runs convs in a blocked NCHWc layout and reorders around every GN, and
 the reorders, the parallel LayerNormalization and the serial InstanceNormalization weigh differently
-at each layer's shape: resnet50 at 2 threads ran 16% faster as ``layernorm`` while the probe
-preferred ``decomposed`` by 7%), so ``export-onnx`` then exports the model in each form that passed
-and times the files themselves (:func:`settle_by_timing`);
-the probe's timing decides only where no model is timed (detection files, one passing form). The
+at each layer's shape: resnet18 at 2 threads ran 1.47x its BN-folded time as ``decomposed`` and
+1.87x as ``layernorm``, the probe's pick; README "Latency"), so ``export-onnx`` then exports the
+model in each form that passed and times the files themselves (:func:`settle_by_timing`); the
+probe's timing decides only where no model is timed (detection files, one passing form). The
 choice, its reason and the onnxruntime version go into the file's metadata
 (:func:`choice_metadata`); :meth:`LoweringChoice.fallbacks` lists what ``export-onnx`` tries next
 when the model's own layers fail the chosen form.
