@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/onnx_latency.py [--rounds 6] [--threads 1,2] [--batches 1,8]
         [--models resnet18,resnet50,mobilenetv3_large_100] [--no-profile] [--no-centring] [--no-end-to-end]
+        [--no-method]
 
 For each model (timm, random init, BN statistics randomised as a trained model's would be; GN
 converted from it with G = 32): the BN model exported with every BN folded into its conv, and the GN
@@ -11,13 +12,17 @@ column. ``auto`` is run at each thread count as ``export-onnx`` runs it (the one
 model's passing forms timed at batch 1); its pick is the default.
 
 Latency: for each thread count and batch (224x224, CPU), all graphs of one model are timed
-round-robin in one process (each turn: a pause, one untimed run, two timed runs), medians over the
-rounds. Ratios GN / BN folded come from process CPU time at 1 thread (other jobs on a shared machine
-stretch wall time, not CPU time) and from wall time at more threads. Then resnet50's per-input
-stress errors in each lowering, onnxruntime's profiled
-kernel time by operator (batch 1, every thread count) for the BN graph and the GN lowerings of
-resnet50 and mobilenetv3_large_100; then what ``--center-groups`` buys the native op on activations
-with a large per-group mean; then the end-to-end ``export_onnx`` time for a resnet50 checkpoint.
+round-robin in one process (each turn: one untimed run, two timed runs), medians over the rounds.
+Every session stops its threads spinning when a run ends (``session.force_spinning_stop``): with
+several sessions alive, default ones spin on after their run and slow the next session's, which
+inflated the GN graphs' times at 2 threads until this round (the "timing method" table, resnet18,
+compares the old way, the new one and each graph alone). Ratios GN / BN folded come from process
+CPU time at 1 thread (other jobs on a shared machine stretch wall time, not CPU time) and from wall
+time at more threads. Then resnet50's per-input stress errors in each lowering, onnxruntime's
+profiled kernel time by operator (batch 1, every thread count) for the BN graph and the GN lowerings
+of resnet50 and mobilenetv3_large_100; then what ``--center-groups`` buys the native op on
+activations with a large per-group mean; then the end-to-end ``export_onnx`` time for a resnet50
+checkpoint.
 Prints Markdown tables.
 """
 
@@ -49,6 +54,7 @@ from gnsurgeon.sources import DataConfig
 MODELS = ["resnet18", "resnet50", "mobilenetv3_large_100"]
 PROFILED = ["resnet50", "mobilenetv3_large_100"]
 STRESS_MODEL = "resnet50"  # its per-input stress table is printed
+METHOD_MODEL = "resnet18"  # its timing-method comparison is printed
 OPSETS = {"decomposed": 18, "layernorm": 18, "native": 21}
 PROFILED_OPS = [
     "Conv", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Reshape", "ReorderInput",
@@ -57,30 +63,40 @@ PROFILED_OPS = [
 CONFIG = DataConfig(input_size=(3, 224, 224))
 
 
-def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile: bool = False, stop_spinning: bool = True) -> ort.InferenceSession:
+    """A CPU session at ``threads``; ``stop_spinning``: its workers stop spinning when a run ends, as
+    ``runtime_session(..., timed=True)`` does, so that sessions timed in turn do not slow each other
+    (see :func:`timing_method`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.enable_profiling = profile
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latencies_ms(runners: list, rounds: int) -> list[tuple[float, float]]:
-    """Median ``(wall, process CPU)`` ms per run for each runner, timed round-robin so that machine
-    drift hits all alike. Each turn pauses (the previous runner's spinning onnxruntime threads park),
-    runs once untimed, then times two runs."""
-    wall: list[list[float]] = [[] for _ in runners]
-    cpu: list[list[float]] = [[] for _ in runners]
+def samples_ms(runners: list, rounds: int, pause: float = 0.0) -> list[list[tuple[float, float]]]:
+    """``(wall, process CPU)`` ms of every timed run of each runner, round-robin so that machine
+    drift hits all alike. Each turn (after ``pause`` s) runs once untimed, then times two runs."""
+    out: list[list[tuple[float, float]]] = [[] for _ in runners]
     for _ in range(rounds):
         for i, run in enumerate(runners):
-            time.sleep(0.01)
+            time.sleep(pause)
             run()
             for _ in range(2):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 run()
-                wall[i].append(time.perf_counter() - start)
-                cpu[i].append(time.process_time() - start_cpu)
-    return [(statistics.median(w) * 1e3, statistics.median(c) * 1e3) for w, c in zip(wall, cpu, strict=True)]
+                out[i].append(((time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3))
+    return out
+
+
+def latencies_ms(runners: list, rounds: int) -> list[tuple[float, float]]:
+    """Median ``(wall, process CPU)`` ms per run for each runner (:func:`samples_ms`)."""
+    return [
+        (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+        for runs in samples_ms(runners, rounds)
+    ]
 
 
 def kernel_ms_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> dict[str, float]:
@@ -218,7 +234,7 @@ def auto_on_model(name: str, probe: LoweringChoice, files: dict[str, Path], thre
     the probe, timed on the model's own files at batch 1 (:func:`settle_by_timing`, as export does)."""
     choice = copy.deepcopy(probe)
     passing = [c.form for c in choice.candidates if c.passed]
-    sessions = {form: runtime_session(str(files[form]), threads) for form in passing}
+    sessions = {form: runtime_session(str(files[form]), threads, timed=True) for form in passing}
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     form = settle_by_timing(choice, sessions, x) if len(sessions) > 1 else choice.form
     print(f"- auto on {name} at {threads} thread(s): {choice.reason}", flush=True)
@@ -309,6 +325,44 @@ def end_to_end(tmp: Path) -> None:
     )
 
 
+TIMING_GRAPHS = ["BN folded", "decomposed", "layernorm"]
+
+
+def timing_method(name: str, files: dict[str, Path], threads: int, rounds: int) -> None:
+    """The same graphs at ``threads``, batch 1, timed three ways: round-robin with the session
+    defaults and a 10 ms pause per turn (how this benchmark and ``auto`` timed until this round),
+    round-robin with ``session.force_spinning_stop`` (how they time now), and each graph alone (one
+    session alive, a block of runs: what a deployed model sees). Default sessions keep their workers
+    spinning after a run, and with several sessions alive those spin on the cores the next session
+    runs on."""
+    x = {"input": np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    rows: dict[str, list[list[float]]] = {}
+    for label, stop, pause in (("round-robin, default sessions, 10 ms pause", False, 0.01),
+                               ("round-robin, force_spinning_stop", True, 0.0)):  # fmt: skip
+        sessions = [session(files[g], threads, stop_spinning=stop) for g in TIMING_GRAPHS]
+        runs = samples_ms([lambda s=s: s.run(None, x) for s in sessions], rounds, pause)
+        rows[label] = [[w for w, _ in r] for r in runs]
+        del sessions
+    alone = []
+    for g in TIMING_GRAPHS:
+        s = session(files[g], threads, stop_spinning=False)
+        runs = samples_ms([lambda s=s: s.run(None, x)], 1)  # a warm-up turn
+        runs = samples_ms([lambda s=s: s.run(None, x)], 3 * rounds)[0]
+        alone.append([w for w, _ in runs])
+        del s
+    rows["each graph alone, default session, in a block of runs"] = alone
+    print(f"\nTiming method, {name} at {threads} threads, batch 1: median (10th-90th percentile) ms per run\n")
+    print("| method | " + " | ".join(f"{g} | / BN" if g != "BN folded" else g for g in TIMING_GRAPHS) + " |")
+    print("|---|" + "---:|" * (2 * len(TIMING_GRAPHS) - 1))
+    for label, per_graph in rows.items():
+        base = statistics.median(per_graph[0])
+        cells = []
+        for i, runs in enumerate(per_graph):
+            p10, med, p90 = np.percentile(runs, [10, 50, 90])
+            cells.append(f"{med:.2f} ({p10:.2f}-{p90:.2f})" + ("" if i == 0 else f" | {med / base:.2f}"))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="round-robin rounds at batch 1 (half at larger batches)")
@@ -318,6 +372,7 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-centring", action="store_true")
     parser.add_argument("--no-end-to-end", action="store_true")
+    parser.add_argument("--no-method", action="store_true", help="skip the timing-method comparison (resnet18)")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -332,12 +387,15 @@ def main() -> None:
         print(f"- auto's probe at {t} thread(s): {choice.reason}")
     tmp = Path(tempfile.mkdtemp(prefix="gnsurgeon-onnx-bench-"))
     results, verdicts, profiles, stress, defaults = {}, {}, {}, {}, {}
+    method = None
     for name in args.models.split(","):
         files, verdicts[name], reports = export_all(name, tmp, not args.no_profile and name in PROFILED)
         defaults[name] = {t: auto_on_model(name, probes[t], files, t) for t in threads}
         if name == STRESS_MODEL:
             stress = reports
         results[name] = time_model(files, threads, batches, args.rounds)
+        if not args.no_method and name == METHOD_MODEL and max(threads) > 1:
+            method = (name, files, max(threads))
         if not args.no_profile and name in PROFILED:
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             for t in threads:
@@ -345,6 +403,8 @@ def main() -> None:
         print(f"- {name}: exported, verified and timed; load average {os.getloadavg()[0]:.1f}", flush=True)
     print("\nRatios GN / BN folded from CPU time at 1 thread, from wall time at 2. Cells: wall / CPU ms per run.\n")
     print_latency(results, verdicts, defaults, threads, batches)
+    if method:
+        timing_method(*method, args.rounds * 2)
     if stress:
         stress_table(STRESS_MODEL, stress)
     if profiles:

@@ -555,7 +555,7 @@ def _settle_on_model(prepared: nn.Module, example, options: ExportOptions, repor
         return {}
     protos = {form: _export_graph(prepared, example, options, report, form) for form in passing}
     start = time.perf_counter()
-    sessions = {form: runtime_session(proto, choice.threads) for form, proto in protos.items()}
+    sessions = {form: runtime_session(proto, choice.threads, timed=True) for form, proto in protos.items()}
     settle_by_timing(choice, sessions, as_array(example))
     report.timings["choose"] = round(report.timings.get("choose", 0) + time.perf_counter() - start, 3)
     return protos

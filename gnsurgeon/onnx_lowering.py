@@ -394,7 +394,7 @@ def probe_candidate(form: str, opset: int, module: nn.GroupNorm, cases: dict, *,
     in the installed onnxruntime, each compared with PyTorch under the per-layer tolerance."""
     candidate = Candidate(form=form, opset=opset, passed=False)
     try:
-        session = runtime_session(probe_model(form, opset, module, PROBE_SHAPE[1:], static), threads)
+        session = runtime_session(probe_model(form, opset, module, PROBE_SHAPE[1:], static), threads, timed=True)
     except Exception as exc:  # onnxruntime raises its own types
         candidate.problem = f"does not load: {onnxruntime_message(exc)}"
         return candidate, None
@@ -422,8 +422,9 @@ def probe_candidate(form: str, opset: int, module: nn.GroupNorm, cases: dict, *,
 
 def time_sessions(sessions: dict[str, Any], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
     """Median ms of one run of ``feed`` per session, round-robin so that machine drift hits all alike
-    (each turn: one untimed run, as the previous session's threads park and this one's wake, then two
-    timed ones)."""
+    (each turn: one untimed run, which wakes this session's threads, then two timed ones). The sessions
+    should be made with ``runtime_session(..., timed=True)``, so that one session's spinning threads
+    do not slow the next one's runs."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():

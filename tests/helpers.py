@@ -77,10 +77,18 @@ class OldRuntime:
 def old_runtime(real):
     """``runtime_session`` as on onnxruntime 1.22: sessions of graphs with LayerNormalization break."""
 
-    def make(model_or_path, threads: int = 0):
-        session = real(model_or_path, threads)
+    def make(model_or_path, threads: int = 0, **kwargs):
+        session = real(model_or_path, threads, **kwargs)
         proto = onnx.load(model_or_path) if isinstance(model_or_path, str) else model_or_path
         uses_ln = any(n.op_type == "LayerNormalization" for n in proto.graph.node)
         return OldRuntime(session) if uses_ln else session
 
     return make
+
+
+def spinning_stops(session) -> bool:
+    """Whether an onnxruntime session stops its threads spinning when a run ends."""
+    try:
+        return session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    except Exception:  # onnxruntime raises when the entry was never set
+        return False

@@ -28,7 +28,7 @@ from gnsurgeon.onnx_lowering import Candidate, LoweringChoice
 from gnsurgeon.onnx_verify import VerifyOptions, stress_inputs, verify_model
 from gnsurgeon.sources import DataConfig
 
-from .helpers import old_runtime, randomize_bn
+from .helpers import old_runtime, randomize_bn, spinning_stops
 
 SMALL = ["--input-size", "3,64,64"]
 NATIVE_NAN_CASE = "mean 100, std 0.01, batch 1"
@@ -236,6 +236,7 @@ def test_auto_chooses_by_the_whole_models_time_not_the_probes(resnet, tmp_path, 
     timed = []
 
     def fake_timing(sessions, feed, rounds):
+        assert all(spinning_stops(s) for s in sessions.values())  # timed in turn: see test_onnx_lowering
         timed.append((sorted(sessions), {k: v.shape for k, v in feed.items()}, rounds))
         return {form: 10.0 if form == faster else 20.0 for form in sessions}
 

@@ -30,7 +30,7 @@ from gnsurgeon.onnx_lowering import (
     probe_model,
 )
 
-from .helpers import old_runtime
+from .helpers import old_runtime, spinning_stops
 
 OPSETS = {"decomposed": 18, "layernorm": 18, "native": 21}
 NATIVE_NAN_CASE = "mean 100, std 0.01, batch 1"
@@ -102,6 +102,19 @@ def test_auto_picks_the_fastest_form_that_passes_on_the_installed_runtime():
     tied = [c for c in passing if c.ms <= min(p.ms for p in passing) * (1 + TIE)]
     assert all(picked.margin <= c.margin for c in tied)
     assert choice.form in choice.reason and "native fails" in choice.reason and ort.__version__ in choice.reason
+
+
+def test_sessions_timed_in_turn_stop_their_threads_spinning(monkeypatch):
+    """Sessions timed round-robin must not leave their threads spinning after a run: at 2 threads
+    those spin on the cores the next session runs on, and the GN graphs timed after a BN graph ran
+    1.2-1.5x their own time (README "Latency", timing method). Verification's sessions keep the
+    runtime's defaults."""
+    seen = []
+    real = onnx_lowering.time_sessions
+    monkeypatch.setattr(onnx_lowering, "time_sessions", lambda s, *a: seen.extend(s.values()) or real(s, *a))
+    choose_lowering(["decomposed", "layernorm"], OPSETS, threads=2, rounds=1)
+    assert len(seen) == 2 and all(spinning_stops(s) for s in seen)
+    assert not spinning_stops(onnx_verify.runtime_session(probe_model("decomposed", 18, gn_module(), (5, 5)), 2))
 
 
 def test_auto_falls_back_when_the_runtime_breaks_a_form(monkeypatch):
