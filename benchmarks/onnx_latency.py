@@ -8,7 +8,9 @@ For each model (timm, random init, BN statistics randomised as a trained model's
 converted from it with G = 32): the BN model exported with every BN folded into its conv, and the GN
 model exported in every lowering (:mod:`gnsurgeon.onnx_lowering`: decomposed, layernorm, native).
 Each GN export is verified once, per layer, on verification's stress inputs: the "stress check"
-column. ``auto`` is run at each thread count as ``export-onnx`` runs it (the one-GN probe, then the
+column. The "floor" row is not GN: each GN of the decomposed graph replaced by one elementwise node
+outside NCHWc (:func:`floor_graph`), a lower bound on any GN while onnxruntime has no NCHWc kernel
+for it. ``auto`` is run at each thread count as ``export-onnx`` runs it (the one-GN probe, then the
 model's passing forms timed at batch 1); its pick is the default.
 
 Latency: for each thread count and batch (224x224, CPU), all graphs of one model are timed
@@ -158,6 +160,55 @@ def export_variant(model, x, translation, path: Path) -> None:
 VARIANTS = {"layernorm, γ/β in its scale": ln_affine_in_scale, "layernorm, Mul/Add affine": ln_mul_add}
 
 
+FLOOR = "floor: one NCHW pass per GN"
+ACTIVATIONS = {"Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Clip", "LeakyRelu"}
+
+
+def floor_graph(decomposed: Path, out: Path) -> None:
+    """Not GN: a lower bound on what any GN costs in onnxruntime's CPU provider while onnxruntime
+    has no NCHWc kernel for it. The ``decomposed`` graph with each GN, together with what its
+    affine Conv fuses (a following activation, or residual Add [+ Relu]), replaced by ONE
+    elementwise node that has no NCHWc kernel either: ``Neg(x)``, or ``Max(x, skip)`` where a
+    residual Add is absorbed. A GN kernel outside NCHWc (a graph of standard ops, a custom op)
+    pays the same layout round trip and at least this one pass, and more: the statistics need a
+    read of ``x`` before the pass that normalises."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(decomposed))
+    nodes = list(model.graph.node)
+    consumers = defaultdict(list)
+    for n in nodes:
+        for name in n.input:
+            consumers[name].append(n)
+    drop, place, claimed = set(), {}, set()
+    for i, n in enumerate(nodes[:-3]):
+        if n.op_type != "Reshape" or nodes[i + 1].op_type != "InstanceNormalization":
+            continue
+        chain, x = nodes[i : i + 4], n.input[0]  # Reshape, InstanceNormalization, Reshape, affine
+        after = consumers[chain[-1].output[0]]
+        new = helper.make_node("Neg", [x], [chain[-1].output[0]])
+        if len(after) == 1 and after[0].op_type in ACTIVATIONS:
+            chain.append(after[0])
+            new = helper.make_node("Neg", [x], [after[0].output[0]])
+        elif len(after) == 1 and after[0].op_type == "Add" and id(after[0]) not in claimed:
+            add = after[0]
+            claimed.add(id(add))
+            skip = next(t for t in add.input if t != chain[-1].output[0])
+            chain.append(add)
+            relu = consumers[add.output[0]]
+            if len(relu) == 1 and relu[0].op_type == "Relu":
+                chain.append(relu[0])
+            new = helper.make_node("Max", [x, skip], [chain[-1].output[0]])
+        drop.update(id(c) for c in chain)
+        place[id(chain[-1])] = new
+    kept = [place.get(id(n), n) for n in nodes if id(n) in place or id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.checker.check_model(model)
+    out.write_bytes(model.SerializeToString())
+
+
 def stress_verdict(report) -> str:
     """The per-layer verdict in a few words: how many GN layers pass every stress input."""
     layers = report.layers
@@ -208,6 +259,8 @@ def export_all(name: str, tmp: Path, variants: bool) -> tuple[dict[str, Path], d
         files[form].write_bytes(proto.SerializeToString())
         reports[form] = verify_model(proto, gn, CONFIG, VerifyOptions(threads=1))
         verdicts[form] = stress_verdict(reports[form])
+    files[FLOOR] = tmp / f"{name}-floor.onnx"
+    floor_graph(files["decomposed"], files[FLOOR])
     if variants:
         for label, translation in VARIANTS.items():
             files[label] = tmp / f"{name}-{label.replace(' ', '_').replace('/', '')}.onnx"
@@ -247,9 +300,9 @@ def print_latency(results: dict, verdicts: dict, defaults: dict, threads: list, 
     print(f"| model | ONNX graph | stress check (per GN layer) | {head} |")
     print("|---|---|---|" + "---:|---:|" * len(conditions))
     for name, timings in results.items():
-        for graph in ["BN folded", *FORMS]:
+        for graph in ["BN folded", *FORMS, FLOOR]:
             marks = [f"{t}t" for t in threads if defaults[name][t] == graph]
-            label = graph if graph == "BN folded" else f"GN {graph}"
+            label = graph if graph in ("BN folded", FLOOR) else f"GN {graph}"
             label += f" (default at {', '.join(marks)})" if marks else ""
             cells = []
             for b, t in conditions:
@@ -399,7 +452,8 @@ def main() -> None:
         if not args.no_profile and name in PROFILED:
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             for t in threads:
-                profiles[(name, t)] = {g: kernel_ms_by_op(p, x, t) for g, p in files.items() if g != "native"}
+                profiled = {g: p for g, p in files.items() if g not in ("native", FLOOR)}
+                profiles[(name, t)] = {g: kernel_ms_by_op(p, x, t) for g, p in profiled.items()}
         print(f"- {name}: exported, verified and timed; load average {os.getloadavg()[0]:.1f}", flush=True)
     print("\nRatios GN / BN folded from CPU time at 1 thread, from wall time at 2. Cells: wall / CPU ms per run.\n")
     print_latency(results, verdicts, defaults, threads, batches)
