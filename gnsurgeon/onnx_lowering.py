@@ -25,12 +25,11 @@ default, ``auto``, asks the runtime that is installed: it writes each candidate 
 (:func:`gnsurgeon.onnx_verify.stress_inputs`, the per-layer tolerance) and a short interleaved timing
 at the thread count asked, and picks the fastest that passes. Within :data:`TIE` of the fastest, the
 candidate with the most margin on the stress inputs wins: timing noise must not decide between two
-forms when one is clearly more accurate. The one-GN timing does not predict a whole model at more
-than one thread (onnxruntime runs convs in a blocked NCHWc layout and reorders around every GN, and
-the reorders, the parallel LayerNormalization and the serial InstanceNormalization weigh differently
-at each layer's shape: resnet18 at 2 threads ran 1.47x its BN-folded time as ``decomposed`` and
-1.87x as ``layernorm``, the probe's pick; README "Latency"), so ``export-onnx`` then exports the
-model in each form that passed and times the files themselves (:func:`settle_by_timing`); the
+forms when one is clearly more accurate. The one-GN timing overstates the difference on a whole
+model, where convs dominate and the NCHWc reorders around every GN weigh the same in both forms (at
+1 thread the probe has ``decomposed`` 25 % faster; resnet18's two files differ by 2 %, resnet50's by
+6 %; README "Latency"), so ``export-onnx`` then exports the model in each form that passed and
+times the files themselves (:func:`settle_by_timing`, sessions made with ``timed=True``); the
 probe's timing decides only where no model is timed (detection files, one passing form). The
 choice, its reason and the onnxruntime version go into the file's metadata
 (:func:`choice_metadata`); :meth:`LoweringChoice.fallbacks` lists what ``export-onnx`` tries next

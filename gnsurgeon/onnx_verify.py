@@ -278,10 +278,11 @@ def runtime_session(model_or_path, threads: int = 0, *, timed: bool = False):
 
     ``timed``: the session is one of several timed in turn in this process, so its thread pool stops
     spinning when each run ends (``session.force_spinning_stop``). Without it, each session's workers
-    keep spinning for a while after their run and steal the cores from the next session's: on a
-    2-core machine at 2 threads, GN graphs timed round-robin with a BN graph measured 1.2-1.5x their
-    time alone (resnet18, median 14.9 ms against 11.2 ms in a block of its own; README "Latency").
-    Inside a run nothing changes: the workers spin between kernels as a deployed session's do."""
+    keep spinning for a while after their run, on the cores the next session's run needs: on 2 cores
+    at 2 threads, resnet18's GN / BN ratios timed that way came out anywhere from 0.83 to 1.76 from
+    one run to the next, against 1.12-1.16 with the option and 1.13-1.14 for each graph timed alone
+    (README "Latency", the timing-method table). Inside a run nothing changes: the workers spin
+    between kernels as a deployed session's do."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -106,9 +106,9 @@ def test_auto_picks_the_fastest_form_that_passes_on_the_installed_runtime():
 
 def test_sessions_timed_in_turn_stop_their_threads_spinning(monkeypatch):
     """Sessions timed round-robin must not leave their threads spinning after a run: at 2 threads
-    those spin on the cores the next session runs on, and the GN graphs timed after a BN graph ran
-    1.2-1.5x their own time (README "Latency", timing method). Verification's sessions keep the
-    runtime's defaults."""
+    those spin on the cores the next session runs on, and resnet18's GN / BN ratios came out anywhere
+    from 0.83 to 1.76 (README "Latency", timing method). Verification's sessions keep the runtime's
+    defaults."""
     seen = []
     real = onnx_lowering.time_sessions
     monkeypatch.setattr(onnx_lowering, "time_sessions", lambda s, *a: seen.extend(s.values()) or real(s, *a))
