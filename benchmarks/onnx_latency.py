@@ -209,6 +209,22 @@ def floor_graph(decomposed: Path, out: Path) -> None:
     out.write_bytes(model.SerializeToString())
 
 
+def reorders(path: Path) -> str:
+    """The ReorderOutput and ReorderInput node counts ("a / b") in onnxruntime's optimised graph of
+    ``path``: the NCHWc layout round trips it inserted. The floor graph must have no more than the
+    GN graphs, or it would not be a lower bound."""
+    import onnx
+
+    optimised = path.with_suffix(".optimised.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimised)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(optimised)).graph.node]
+    optimised.unlink()
+    return f"{ops.count('ReorderOutput')} / {ops.count('ReorderInput')}"
+
+
 def stress_verdict(report) -> str:
     """The per-layer verdict in a few words: how many GN layers pass every stress input."""
     layers = report.layers
@@ -399,7 +415,7 @@ def timing_method(name: str, files: dict[str, Path], threads: int, rounds: int) 
     alone = []
     for g in TIMING_GRAPHS:
         s = session(files[g], threads, stop_spinning=False)
-        runs = samples_ms([lambda s=s: s.run(None, x)], 1)  # a warm-up turn
+        samples_ms([lambda s=s: s.run(None, x)], 1)  # a warm-up turn
         runs = samples_ms([lambda s=s: s.run(None, x)], 3 * rounds)[0]
         alone.append([w for w, _ in runs])
         del s
@@ -444,6 +460,8 @@ def main() -> None:
     for name in args.models.split(","):
         files, verdicts[name], reports = export_all(name, tmp, not args.no_profile and name in PROFILED)
         defaults[name] = {t: auto_on_model(name, probes[t], files, t) for t in threads}
+        counts = ", ".join(f"{g} {reorders(files[g])}" for g in ["BN folded", *FORMS, FLOOR])
+        print(f"- {name}: NCHWc reorders in onnxruntime's optimised graph (ReorderOutput / ReorderInput): {counts}")
         if name == STRESS_MODEL:
             stress = reports
         results[name] = time_model(files, threads, batches, args.rounds)
